@@ -1,0 +1,79 @@
+"""Crash-safe files: every write goes to a temporary file in the same folder, is fsynced, then renamed.
+
+A crash at any moment leaves either the previous good file or the new one, never half of one.
+Checkpoints are loaded with weights_only=True, so a tampered file cannot run code.
+"""
+import errno
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import torch
+
+from kd.errors import UserError
+
+
+def atomic_write(path: str, write: Callable) -> None:
+    """Call write(file) on a temporary file beside path, fsync it, and rename it over path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"disk full while writing {path}; the previous file is untouched") from e
+        raise
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def copy_file(src: str, dst: str) -> None:
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this repo, refusing anything that is not plain tensors and data."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).strip()
+        raise UserError(f"{path} is not a loadable checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this repo (no model/config entries)")
+    return ckpt
+
+
+def rng_state() -> dict:
+    """Global torch RNG states (they drive dropout); the data order has its own seeded generator."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,178 @@
+"""CIFAR-100 on the training device: load once, then shuffle, crop, flip and normalise in batches.
+
+The whole split lives on the device as uint8 (50,000 x 3 x 32 x 32 = 154 MB), so there are no
+DataLoader workers, no PIL and no host-device copies inside the training loop.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kd.errors import UserError
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+PAD = 4
+FOLDER = "cifar-100-python"
+
+
+@dataclass
+class Split:
+    """One CIFAR-100 split: uint8 images [N, 3, 32, 32], int64 fine and coarse labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    coarse_labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device),
+                     self.coarse_labels.to(device), self.classes)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, and refuses every other global.
+
+    The CIFAR files are pickles; this keeps a tampered file from running code when it is read.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"CIFAR-100 file {path} is missing; remove --no-download or fix --data_dir")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read CIFAR-100 file {path} ({e}); delete it to download again")
+
+
+def download_cifar100(root: str) -> None:
+    """Fetch and unpack CIFAR-100 into root with torchvision's checksum-verified download."""
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(CIFAR100.url, root, filename=CIFAR100.filename,
+                                     md5=CIFAR100.tgz_md5)
+    except Exception as e:  # urllib, tarfile and checksum failures all land here
+        raise UserError(f"could not download CIFAR-100 into {root} ({e}); "
+                        f"put cifar-100-python/ there by hand")
+
+
+def load_cifar100(root: str, train: bool, download: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Read one split from root/cifar-100-python: uint8 images [N,3,32,32], fine labels [N],
+    coarse labels [N] (int64) and the 100 fine class names. Downloads first when asked and missing.
+    """
+    folder = os.path.join(root, FOLDER)
+    if download and not os.path.isdir(folder):
+        download_cifar100(root)
+    if not os.path.isdir(folder):
+        raise UserError(f"no CIFAR-100 at {folder}; pass --data_dir to where it is, or allow download")
+    batch = _read_pickle(os.path.join(folder, "train" if train else "test"))
+    meta = _read_pickle(os.path.join(folder, "meta"))
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        labels = torch.tensor(batch["fine_labels"], dtype=torch.int64)
+        coarse = torch.tensor(batch["coarse_labels"], dtype=torch.int64)
+        classes = list(meta["fine_label_names"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"CIFAR-100 files in {folder} are malformed ({e!r}); delete them to download again")
+    if not (len(images) == len(labels) == len(coarse)) or len(classes) != 100:
+        raise UserError(f"CIFAR-100 files in {folder} are inconsistent; delete them to download again")
+    if labels.min() < 0 or labels.max() >= 100 or coarse.min() < 0 or coarse.max() >= 20:
+        raise UserError(f"CIFAR-100 labels in {folder} are out of range; delete them to download again")
+    return images, labels, coarse, classes
+
+
+def load_split(root: str, train: bool, download: bool = False) -> Split:
+    return Split(*load_cifar100(root, train, download))
+
+
+def augment_indices(n: int, generator: torch.Generator, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image random crop offsets and flips, as row and column index grids into the padded image.
+
+    rows[i] = dy_i + [0..31]; cols[i] = dx_i + [0..31], reversed when image i is flipped.
+    """
+    offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=generator, device=device)
+    flip = torch.randint(0, 2, (n, 1), generator=generator, device=device).bool()
+    ramp = torch.arange(32, device=device)
+    rows = offsets[0, :, None] + ramp
+    cols = offsets[1, :, None] + torch.where(flip, 31 - ramp, ramp)
+    return rows, cols
+
+
+class DeviceLoader:
+    """Batches of one split, already on `device`.
+
+    Train mode: a seeded shuffle per epoch (the permutation of epoch e depends only on seed and e,
+    so a resumed run sees the same batches), per-image random crop from the 4-pixel zero-padded
+    image and a random horizontal flip, all in one gather; the last partial batch is dropped.
+    Eval mode: every image once, in order. Yields (images float [B,3,32,32] normalised,
+    fine labels [B], coarse labels [B]); images are channels_last in memory.
+    """
+
+    def __init__(self, split: Split, batch_size: int, train: bool, device: torch.device | str,
+                 seed: int = 0):
+        self.device = torch.device(device)
+        self.split = split.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.generator = torch.Generator(device=self.device)
+        if train:  # padded once, so a batch is a single gather: shuffle, crop and flip together
+            self.padded = torch.nn.functional.pad(self.split.images, (PAD,) * 4).permute(0, 2, 3, 1)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(CIFAR100_MEAN, device=self.device).view(shape) * 255
+        self.std = torch.tensor(CIFAR100_STD, device=self.device).view(shape) * 255
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float() - self.mean) / self.std
+
+    def __iter__(self):
+        return self._train_batches() if self.train else self._eval_batches()
+
+    def _train_batches(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator, device=self.device)
+        rows, cols = augment_indices(n, self.generator, self.device)
+        for start in range(0, n - self.batch_size + 1, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            r, c = rows[idx], cols[idx]
+            crops = self.padded[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B,32,32,3]
+            images = self.normalize(crops.permute(0, 3, 1, 2))
+            yield images, self.split.labels[idx], self.split.coarse_labels[idx]
+
+    def _eval_batches(self):
+        images = self.split.images.contiguous(memory_format=torch.channels_last)
+        for start in range(0, len(self.split), self.batch_size):
+            end = start + self.batch_size
+            yield (self.normalize(images[start:end]), self.split.labels[start:end],
+                   self.split.coarse_labels[start:end])

@@ -1,0 +1,134 @@
+"""One training epoch and one evaluation pass, with no host-device synchronisation per step.
+
+Losses and accuracies are summed on the device and read once per epoch (and every
+`refresh_every` steps for the progress bar), so the GPU never waits for Python.
+"""
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kd.errors import UserError
+from kd.losses import kd_loss_terms
+
+
+class Objective:
+    """What a training step minimises: CE on the labels, or the KD loss against a frozen teacher.
+
+    With compile=True the student forward and loss are compiled as one graph and the teacher as
+    another (it runs under inference_mode, outside the student's autograd graph).
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, alpha: float = 1.0,
+                 T: float = 1.0, compile: bool = False):
+        self.model, self.teacher, self.alpha, self.T = model, teacher, alpha, T
+        self.term_names = [] if teacher is None else ["ce", "kd"]
+        self.student_loss = torch.compile(self._student_loss) if compile else self._student_loss
+        self.teacher_forward = torch.compile(teacher) if compile and teacher is not None else teacher
+
+    def _student_loss(self, images, labels, teacher_logits):
+        logits = self.model(images)
+        if teacher_logits is None:
+            return F.cross_entropy(logits.float(), labels), logits, []
+        ce, kd = kd_loss_terms(logits, teacher_logits, labels, self.T)
+        return self.alpha * ce + (1 - self.alpha) * kd, logits, [ce, kd]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.inference_mode():
+                teacher_logits = self.teacher_forward(images)
+            teacher_logits = teacher_logits.clone()  # a normal tensor, usable by autograd
+        return self.student_loss(images, labels, teacher_logits)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear from 1/warmup_steps to 1 over the warmup, then cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.SGD:
+    """SGD with momentum: the fused kernel on CUDA, the foreach one elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=fused, foreach=None if fused else True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+
+
+class StopRequested(Exception):
+    """Raised inside the epoch when SIGINT/SIGTERM asked the run to stop."""
+
+
+def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, autocast,
+                epoch: int, should_stop: Callable[[], bool] = lambda: False,
+                refresh_every: int = 25) -> dict:
+    """Train for one epoch; return mean loss, top-1 (%), extra loss terms, time and images/s."""
+    objective.model.train()
+    device = loader.device
+    sums = torch.zeros(2 + len(objective.term_names), device=device)
+    first_bad_step = torch.tensor(-1, device=device)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step, (images, labels, _) in enumerate(bar):
+        if should_stop():
+            raise StopRequested
+        with autocast():
+            loss, logits, terms = objective(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():
+            correct = (logits.argmax(1) == labels).float().mean()
+            sums += torch.stack([loss.detach(), correct, *[t.detach() for t in terms]])
+            bad_now = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad_now, step, first_bad_step)
+        if step % refresh_every == refresh_every - 1:
+            _check_finite(first_bad_step, epoch)
+            seen = (step + 1) * len(labels)
+            bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    _check_finite(first_bad_step, epoch)
+    means = [s / len(loader) for s in sums.tolist()]  # the one sync of the epoch
+    elapsed = time.perf_counter() - start
+    bar.close()
+    stats = {"train_loss": means[0], "train_top1": 100 * means[1],
+             "epoch_time_s": elapsed, "train_img_per_s": len(loader) * loader.batch_size / elapsed}
+    stats.update({f"train_{name}": v for name, v in zip(objective.term_names, means[2:])})
+    return stats
+
+
+def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad_step.item())
+    if bad >= 0:
+        raise UserError(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}; "
+                        f"last.pt still holds the last good epoch; lower --lr or check the data")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, autocast) -> dict:
+    """Test loss (mean CE), top-1 and top-5 (%) over every image of the loader's split once."""
+    model.eval()
+    sums = torch.zeros(3, device=loader.device)
+    for images, labels, _ in loader:
+        with autocast():
+            logits = model(images).float()
+        top5 = logits.topk(5, dim=1).indices
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                             (top5[:, 0] == labels).sum().float(),
+                             (top5 == labels[:, None]).any(1).sum().float()])
+    loss, top1, top5 = (s / len(loader.split) for s in sums.tolist())
+    return {"test_loss": loss, "test_top1": 100 * top1, "test_top5": 100 * top5}

@@ -1,0 +1,106 @@
+"""Teacher (torchvision ResNet-50) and student (torchvision MobileNetV3-Small), 100-class heads."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import ResNet50_Weights, mobilenet_v3_small, resnet50
+
+from kd.checkpoint import load_checkpoint
+from kd.errors import UserError
+
+NUM_CLASSES = 100
+TEACHER_ARCH = "resnet50"
+STUDENT_ARCH = "mobilenet_v3_small"
+
+
+class Upsampled(nn.Module):
+    """Runs `net` on the batch bilinearly resized to img_size x img_size, on the device.
+
+    The teacher was fine-tuned at img_size, so keeping the resize inside the model means a KD run
+    feeds it the very same augmented 32 px view as the student, at the size it was trained at.
+    """
+
+    def __init__(self, net: nn.Module, img_size: int):
+        super().__init__()
+        self.net = net
+        self.img_size = img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear",
+                              align_corners=False, antialias=False)
+        return self.net(x)
+
+
+def imagenet_state_dict(pretrained: str, weights_path: str | None) -> dict | None:
+    """ImageNet ResNet-50 weights: from weights_path if given, torchvision's download if
+    pretrained == 'imagenet', else None (random init)."""
+    if weights_path:
+        try:
+            return torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load --weights {weights_path} as a state dict ({e})")
+    if pretrained == "none":
+        return None
+    try:
+        return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # offline, proxy, bad cache: all reported the same way
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-50 weights ({type(e).__name__}); "
+                        f"pass --weights PATH to a local resnet50 state dict, or --pretrained none")
+
+
+def build_teacher(img_size: int = 224, pretrained: str = "none", weights_path: str | None = None
+                  ) -> Upsampled:
+    """ResNet-50 (ImageNet stem) with a 100-class head, fed inputs upsampled to img_size."""
+    net = resnet50()
+    state = imagenet_state_dict(pretrained, weights_path)
+    if state is not None:
+        try:
+            net.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise UserError(f"the ImageNet weights do not fit torchvision's resnet50: {str(e)[:200]}")
+    net.fc = nn.Linear(net.fc.in_features, NUM_CLASSES)
+    return Upsampled(net, img_size)
+
+
+def build_student(stem: str = "cifar") -> nn.Module:
+    """MobileNetV3-Small with a 100-class head, trained from scratch.
+
+    stem='cifar' sets the stem conv and the first block's depthwise conv to stride 1, so a 32 px
+    input ends at a 4x4 feature map instead of 1x1; weight shapes are unchanged.
+    stem='imagenet' is torchvision's model as it is.
+    """
+    net = mobilenet_v3_small(num_classes=NUM_CLASSES)
+    if stem == "cifar":
+        net.features[0][0].stride = (1, 1)
+        net.features[1].block[0][0].stride = (1, 1)
+    elif stem != "imagenet":
+        raise ValueError(f"unknown stem {stem!r}")
+    return net
+
+
+def build_model(config: dict) -> nn.Module:
+    """An untrained model of the architecture a run's config names (weights come from a checkpoint)."""
+    if config["arch"] == TEACHER_ARCH:
+        return build_teacher(img_size=config["img_size"])
+    return build_student(config["stem"])
+
+
+def load_teacher(path: str) -> Upsampled:
+    """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained at.
+
+    Built inside fork_rng so that loading it leaves the global RNG, and so the student's
+    initialisation, exactly as --seed set it.
+    """
+    ckpt = load_checkpoint(path)
+    arch = ckpt["config"].get("arch")
+    if arch != TEACHER_ARCH:
+        raise UserError(f"{path} holds a {arch} checkpoint; --teacher_ckpt needs one written by "
+                        f"train_teacher.py ({TEACHER_ARCH})")
+    with torch.random.fork_rng(devices=[]):
+        teacher = build_model(ckpt["config"])
+    try:
+        teacher.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit a {NUM_CLASSES}-class {TEACHER_ARCH}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return teacher.eval().requires_grad_(False)

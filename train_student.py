@@ -1,0 +1,17 @@
+"""Train the MobileNetV3-Small student on CIFAR-100 with cross-entropy: the baseline for KD."""
+from kd.cli import run_script
+from kd.flags import add_student_flags, base_parser
+from kd.models import STUDENT_ARCH, build_student
+from kd.train import fit, prepare_run
+
+
+def main() -> None:
+    p = base_parser(__doc__, out_dir="runs/student_baseline", epochs=120, batch_size=256, lr=0.2)
+    add_student_flags(p)
+    args = p.parse_args()
+    device = prepare_run(args)
+    fit(args, build_student(args.stem), device, arch={"arch": STUDENT_ARCH})
+
+
+if __name__ == "__main__":
+    run_script(main)
