@@ -58,7 +58,7 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).strip()
+        reason = next((line for line in lines if "global" in line.lower()), lines[0]).strip()
         raise UserError(f"{path} is not a loadable checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this repo (no model/config entries)")

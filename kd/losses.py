@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   targets: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two terms of the KD loss, in float32: CE(y, p_s) and T^2 * KL(p_t^T || p_s^T)."""
-    s = student_logits.float()
-    t = teacher_logits.float()
+    """The two terms of the KD loss, in float32 or wider: CE(y, p_s) and T^2 * KL(p_t^T || p_s^T)."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
     ce = F.cross_entropy(s, targets)
     log_p_s = F.log_softmax(s / T, dim=1)
     log_p_t = F.log_softmax(t / T, dim=1)

@@ -1,0 +1,86 @@
+import csv
+import os
+
+import pytest
+import torch
+
+from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from kd.errors import UserError
+from kd.logger import CSVLogger
+from kd.models import build_student, load_teacher
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = build_student()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
+             "config": {"arch": "mobilenet_v3_small", "lr": 0.1}, "rng": {"torch": torch.get_rng_state()}}
+    save_checkpoint(str(tmp_path / "c.pt"), state)
+    loaded = load_checkpoint(str(tmp_path / "c.pt"))
+    assert loaded["epoch"] == 3 and loaded["config"] == state["config"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v), k
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"],
+                       opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, {"model": {}, "config": {"v": 1}})
+
+    def crash(f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        atomic_write(path, crash)
+    assert load_checkpoint(path)["config"] == {"v": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+class RunsCode:
+    """Unpickling this runs `touch marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": RunsCode(marker), "config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="(?i)global.*system"):
+        load_teacher(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_student_checkpoint_is_refused_as_teacher(tmp_path):
+    save_checkpoint(str(tmp_path / "s.pt"), {"model": build_student().state_dict(),
+                                              "config": {"arch": "mobilenet_v3_small"}})
+    with pytest.raises(UserError, match="mobilenet_v3_small checkpoint"):
+        load_teacher(str(tmp_path / "s.pt"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_garbage_checkpoint_is_a_user_error(tmp_path, content):
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_csv_logger_writes_flushed_rows_and_trims_on_resume(tmp_path):
+    path = str(tmp_path / "log.csv")
+    log = CSVLogger(path, ["epoch", "loss"])
+    for epoch in (1, 2, 3):
+        log.log({"epoch": epoch, "loss": 1.0 / epoch})
+        assert len(list(csv.DictReader(open(path)))) == epoch  # readable before close
+    log.close()
+    log = CSVLogger(path, ["epoch", "loss"], keep_epochs=2)  # epoch 3 was never checkpointed
+    log.log({"epoch": 3, "loss": 0.25})
+    log.close()
+    rows = list(csv.DictReader(open(path)))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[1]["loss"] == "0.5" and rows[2]["loss"] == "0.25"

@@ -1,0 +1,121 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from kd.data import PAD, DeviceLoader, Split, load_cifar100, load_split
+from kd.errors import UserError
+
+
+def test_load_reads_the_cifar_format(fake_data):
+    images, labels, coarse, classes = load_cifar100(fake_data, train=True)
+    assert images.shape == (300, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == coarse.shape == (300,)
+    assert labels.dtype == coarse.dtype == torch.int64
+    assert torch.equal(coarse, labels // 5)  # how the generator assigns superclasses
+    assert len(classes) == 100 and classes[3] == "class_03"
+    raw = pickle.load(open(os.path.join(fake_data, "cifar-100-python", "train"), "rb"),
+                      encoding="latin1")
+    assert torch.equal(images[7].reshape(-1), torch.from_numpy(raw["data"][7]))  # CHW plane order
+
+
+def test_missing_folder_without_download_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no CIFAR-100"):
+        load_cifar100(str(tmp_path), train=True, download=False)
+
+
+def test_corrupted_file_is_a_user_error(fake_data, tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("meta", "test"):
+        (folder / name).write_bytes((open(os.path.join(fake_data, "cifar-100-python", name), "rb")).read())
+    (folder / "train").write_bytes(b"\x80\x02}q\x00(X\x04")  # truncated pickle
+    with pytest.raises(UserError, match="cannot read"):
+        load_cifar100(str(tmp_path), train=True)
+
+
+class RunsCode:
+    """Unpickling this runs `touch marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(fake_data, tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "meta").write_bytes(open(os.path.join(fake_data, "cifar-100-python", "meta"), "rb").read())
+    marker = tmp_path / "pwned"
+    (folder / "train").write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=2))
+    with pytest.raises(UserError, match="system is not allowed"):
+        load_cifar100(str(tmp_path), train=True)
+    assert not marker.exists()
+
+
+def tiny_split(n=10):
+    images = torch.arange(n * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8)
+    images = images.reshape(n, 3, 32, 32)
+    labels = torch.arange(n)
+    return Split(images, labels, labels // 5, [str(i) for i in range(100)])
+
+
+def unnormalize(loader, x):
+    return (x * loader.std + loader.mean).round().to(torch.uint8)
+
+
+def test_train_batches_are_crops_and_flips_of_the_padded_image():
+    split = tiny_split()
+    loader = DeviceLoader(split, batch_size=5, train=True, device="cpu", seed=1)
+    padded = torch.nn.functional.pad(split.images, (PAD,) * 4)
+    found_flip = False
+    for x, y, coarse in loader:
+        assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
+        assert torch.equal(coarse, y // 5)
+        crops = unnormalize(loader, x)
+        for crop, label in zip(crops, y):
+            windows = [padded[label, :, dy:dy + 32, dx:dx + 32]
+                       for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)]
+            plain = any(torch.equal(crop, w) for w in windows)
+            flipped = any(torch.equal(crop, w.flip(-1)) for w in windows)
+            assert plain or flipped
+            found_flip |= flipped and not plain
+    assert found_flip
+
+
+def test_augmentation_draws_per_image_and_is_seeded():
+    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8) + 200, torch.zeros(64, dtype=torch.int64),
+                  torch.zeros(64, dtype=torch.int64), [])
+    batches = lambda seed, epoch: _epoch(DeviceLoader(split, 64, True, "cpu", seed), epoch)
+    x = batches(0, 1)
+    border_rows = (x[:, 0] < 0).sum(dim=(1, 2))  # zero padding shows up as negative values
+    assert len(set(border_rows.tolist())) > 3, "every image should get its own crop"
+    assert torch.equal(x, batches(0, 1))
+    assert not torch.equal(x, batches(0, 2))
+    assert not torch.equal(x, batches(1, 1))
+
+
+def _epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([x for x, _, _ in loader])
+
+
+def test_train_drops_last_partial_batch_and_shuffles(fake_data):
+    split = load_split(fake_data, train=True)
+    loader = DeviceLoader(split, 64, True, "cpu", seed=0)
+    labels = [y for _, y, _ in loader]
+    assert len(loader) == len(labels) == 300 // 64
+    assert all(len(y) == 64 for y in labels)
+    assert not torch.equal(torch.cat(labels), split.labels[:64 * 4])
+
+
+def test_eval_sees_every_image_once_in_order(fake_data):
+    split = load_split(fake_data, train=False)
+    loader = DeviceLoader(split, 32, False, "cpu")
+    xs, ys = zip(*[(x, y) for x, y, _ in loader])
+    assert len(loader) == len(xs) == 4 and len(xs[-1]) == 100 - 96
+    assert torch.equal(torch.cat(ys), split.labels)
+    assert torch.equal(unnormalize(loader, torch.cat(xs)), split.images)

@@ -1,0 +1,128 @@
+"""plots/plot_runs.py on tiny hand-written run folders, run as a subprocess like a user would."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNGS = ["test_top1.png", "train_loss.png", "lr.png"]
+BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+                "epoch_time_s", "train_img_per_s"]
+KD_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_ce", "train_kd", "test_loss",
+              "test_top1", "test_top5", "epoch_time_s", "train_img_per_s"]
+
+
+def write_run(folder: Path, top1: list[float], arch: str, kd: bool = False,
+              finished: bool = True, planned_epochs: int | None = None) -> Path:
+    """A run folder with one log row per value in top1; summary.json only if finished."""
+    folder.mkdir(parents=True)
+    columns = KD_COLUMNS if kd else BASE_COLUMNS
+    lines = [",".join(columns)]
+    for i, acc in enumerate(top1):
+        row = {"epoch": i + 1, "lr": 0.1 * math.cos(i / len(top1)), "train_loss": 4.0 / (i + 1),
+               "train_top1": acc + 5, "train_ce": 3.0 / (i + 1), "train_kd": 1.0 / (i + 1),
+               "test_loss": 3.5 / (i + 1), "test_top1": acc, "test_top5": acc + 20,
+               "epoch_time_s": 30.0, "train_img_per_s": 5000.0}
+        lines.append(",".join(str(row[c]) for c in columns))
+    (folder / "log.csv").write_text("\n".join(lines) + "\n")
+    (folder / "config.json").write_text(json.dumps(
+        {"arch": arch, "epochs": planned_epochs or len(top1), "lr": 0.1}))
+    if finished:
+        best = max(range(len(top1)), key=lambda i: top1[i])
+        (folder / "summary.json").write_text(json.dumps({
+            "best_test_top1": top1[best], "best_test_top5": top1[best] + 20,
+            "best_epoch": best + 1, "last_test_top1": top1[-1], "last_test_top5": top1[-1] + 20,
+            "epochs": len(top1), "total_time_s": 600.0}))
+    return folder
+
+
+def plot(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "plots" / "plot_runs.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The markdown table's data rows, keyed by run name."""
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in stdout.splitlines() if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    return {row[0]: dict(zip(header, row)) for row in body}
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    return [write_run(tmp_path / "runs" / "teacher_r50", [10.0, 35.5, 52.25, 61.5, 60.0],
+                      "resnet50"),
+            write_run(tmp_path / "runs" / "kd_mnv3", [8.0, 30.0, 41.125, 40.0, 44.75],
+                      "mobilenet_v3_small", kd=True),
+            write_run(tmp_path / "runs" / "student_partial", [5.0, 22.5, 19.0],
+                      "mobilenet_v3_small", finished=False, planned_epochs=5)]
+
+
+def test_plots_and_table(runs: list[Path], tmp_path: Path):
+    out = tmp_path / "figs"
+    result = plot(*runs, "--out", out)
+    assert result.returncode == 0, result.stderr
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_MAGIC), name
+    rows = table_rows(result.stdout)
+    assert set(rows) == {"teacher_r50", "kd_mnv3", "student_partial"}
+    assert rows["teacher_r50"]["best top-1"] == "61.50"
+    assert rows["teacher_r50"]["best epoch"] == "4"
+    assert rows["teacher_r50"]["last top-1"] == "60.00"
+    assert rows["teacher_r50"]["arch"] == "resnet50"
+    assert rows["teacher_r50"]["time (min)"] == "10.0"
+    assert rows["kd_mnv3"]["best top-1"] == "44.75"
+    assert rows["kd_mnv3"]["best top-5"] == "64.75"
+    # The unfinished run is computed from log.csv: best is epoch 2, last is epoch 3.
+    partial = rows["student_partial"]
+    assert (partial["best top-1"], partial["best epoch"], partial["best top-5"]) == \
+        ("22.50", "2", "42.50")
+    assert (partial["last top-1"], partial["last top-5"]) == ("19.00", "39.00")
+    assert partial["epochs"] == "3/5"
+    assert partial["time (min)"] == "1.5"
+    assert partial["status"] == "unfinished"
+    assert rows["teacher_r50"]["status"] == rows["kd_mnv3"]["status"] == "done"
+
+
+def test_defaults_find_runs_and_write_to_plots(runs: list[Path], tmp_path: Path):
+    (tmp_path / "runs" / "not_a_run").mkdir()  # no log.csv: skipped, not an error
+    (tmp_path / "plots").mkdir()
+    result = plot(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert set(table_rows(result.stdout)) == {"teacher_r50", "kd_mnv3", "student_partial"}
+    for name in PNGS:
+        assert (tmp_path / "plots" / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, mentions: str) -> None:
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert mentions in result.stderr
+
+
+def test_folder_without_log_csv(runs: list[Path], tmp_path: Path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert_user_error(plot(runs[0], empty, "--out", tmp_path / "figs"), "empty_run")
+
+
+def test_no_runs_found(tmp_path: Path):
+    assert_user_error(plot(cwd=tmp_path), "no runs found")
+
+
+@pytest.mark.parametrize("content", ["", "epoch,lr\n", ",".join(BASE_COLUMNS) + "\n",
+                                     ",".join(BASE_COLUMNS) + "\n1,0.1,x,1,1,1,1,1,1\n"],
+                         ids=["empty file", "missing columns", "no rows", "non-numeric"])
+def test_bad_log_csv(tmp_path: Path, content: str):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "log.csv").write_text(content)
+    assert_user_error(plot(folder, "--out", tmp_path / "figs"), "log.csv")
