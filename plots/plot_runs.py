@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: before pyplot is imported
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
 REQUIRED_COLUMNS = ["epoch", "lr", "train_loss", "test_top1", "test_top5", "epoch_time_s"]
@@ -137,6 +138,7 @@ def plot_metric(runs: list[Run], column: str, title: str, ylabel: str, path: Pat
         ax.plot(run.log["epoch"], run.log[column], label=run.name, linewidth=1.5,
                 linestyle=LINE_STYLES[i % len(LINE_STYLES)])
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()
