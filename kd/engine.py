@@ -71,6 +71,19 @@ class StopRequested(Exception):
     """Raised inside the epoch when SIGINT/SIGTERM asked the run to stop."""
 
 
+def train_step(objective: Objective, optimizer, scheduler, scaler, autocast,
+               images: torch.Tensor, labels: torch.Tensor):
+    """One optimisation step; returns (loss, logits, extra loss terms), all still on the device."""
+    with autocast():
+        loss, logits, terms = objective(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss, logits, terms
+
+
 def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, autocast,
                 epoch: int, should_stop: Callable[[], bool] = lambda: False,
                 refresh_every: int = 25) -> dict:
@@ -84,13 +97,8 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
     for step, (images, labels, _) in enumerate(bar):
         if should_stop():
             raise StopRequested
-        with autocast():
-            loss, logits, terms = objective(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        loss, logits, terms = train_step(objective, optimizer, scheduler, scaler, autocast,
+                                         images, labels)
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).float().mean()
             sums += torch.stack([loss.detach(), correct, *[t.detach() for t in terms]])
@@ -120,15 +128,26 @@ def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, autocast) -> dict:
-    """Test loss (mean CE), top-1 and top-5 (%) over every image of the loader's split once."""
+    """Test loss (mean CE), top-1 and top-5 (%) over every image of the loader's split once.
+
+    The last, smaller batch is zero-padded to the full batch size so that a compiled model
+    sees one static shape; the padded rows are dropped before any metric.
+    """
     model.eval()
     sums = torch.zeros(3, device=loader.device)
     for images, labels, _ in loader:
         with autocast():
-            logits = model(images).float()
+            logits = model(pad_batch(images, loader.batch_size))[:len(labels)].float()
         top5 = logits.topk(5, dim=1).indices
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                              (top5[:, 0] == labels).sum().float(),
                              (top5 == labels[:, None]).any(1).sum().float()])
     loss, top1, top5 = (s / len(loader.split) for s in sums.tolist())
     return {"test_loss": loss, "test_top1": 100 * top1, "test_top5": 100 * top5}
+
+
+def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    if len(images) == size:
+        return images
+    padding = images.new_zeros((size - len(images), *images.shape[1:]))
+    return torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)
