@@ -37,7 +37,10 @@ def prepare_out_dir(args: argparse.Namespace) -> None:
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out_dir, f))]
     if args.resume:
         if not os.path.exists(os.path.join(args.out_dir, "last.pt")):
-            raise UserError(f"--resume: no last.pt in {args.out_dir}; start the run without --resume")
+            hint = "--overwrite to start it again" if existing else "no --resume to start it"
+            raise UserError(f"--resume: no last.pt in {args.out_dir} (no epoch finished); "
+                            f"run with {hint}")
+        remove_stale_temp_files(args.out_dir)
     elif existing and not args.overwrite:
         raise UserError(f"{args.out_dir} already holds a run ({', '.join(existing)}); "
                         f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
@@ -54,6 +57,13 @@ def prepare_run(args: argparse.Namespace) -> torch.device:
     prepare_out_dir(args)
     torch.manual_seed(args.seed)
     return device
+
+
+def remove_stale_temp_files(folder: str) -> None:
+    """Delete what a write killed half-way left behind (kd.checkpoint.atomic_write's temp files)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
 
 
 def make_autocast(args: argparse.Namespace, device: torch.device):

@@ -7,7 +7,7 @@ import torch
 from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from kd.errors import UserError
 from kd.logger import CSVLogger
-from kd.models import build_student, load_teacher
+from kd.models import build_student, build_teacher, load_teacher
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -84,3 +84,12 @@ def test_csv_logger_writes_flushed_rows_and_trims_on_resume(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert rows[1]["loss"] == "0.5" and rows[2]["loss"] == "0.25"
+
+
+def test_teacher_with_another_number_of_classes_is_refused(tmp_path):
+    teacher = build_teacher(32)
+    teacher.net.fc = torch.nn.Linear(2048, 10)
+    save_checkpoint(str(tmp_path / "t10.pt"), {"model": teacher.state_dict(),
+                                               "config": {"arch": "resnet50", "img_size": 32}})
+    with pytest.raises(UserError, match="does not fit a 100-class resnet50"):
+        load_teacher(str(tmp_path / "t10.pt"))

@@ -5,6 +5,7 @@ import torch
 
 from kd.data import DeviceLoader, load_split
 from kd.engine import Objective, evaluate, make_optimizer, make_scheduler, train_epoch, warmup_cosine
+from kd.errors import UserError
 from kd.models import build_student, build_teacher
 
 
@@ -53,3 +54,28 @@ def test_evaluate_counts_every_image(fake_data):
     assert metrics["test_top1"] == pytest.approx(top1)
     assert metrics["test_top5"] == pytest.approx(top5)
     assert metrics["test_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+class NaNAtCall(torch.nn.Module):
+    """A linear classifier whose output turns NaN from its nan_from-th call on."""
+
+    def __init__(self, nan_from: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 100)
+        self.calls, self.nan_from = 0, nan_from
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.nan_from else out
+
+
+def test_nan_loss_stops_with_epoch_and_step(fake_data):
+    model = NaNAtCall(nan_from=3)
+    loader = DeviceLoader(load_split(fake_data, train=True), 50, True, "cpu", seed=0)
+    optimizer = make_optimizer(model, 0.05, 0.9, 5e-4, torch.device("cpu"))
+    scheduler = make_scheduler(optimizer, 0, len(loader))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(UserError, match="NaN or infinite at epoch 7, step 3"):
+        train_epoch(Objective(model), loader, optimizer, scheduler, scaler, contextlib.nullcontext,
+                    epoch=7)

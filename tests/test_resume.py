@@ -1,0 +1,131 @@
+"""Runs that survive: exact resume after a graceful stop or a SIGKILL, refused flag changes."""
+import csv
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from kd.checkpoint import load_checkpoint, save_checkpoint
+from kd.errors import UserError
+
+TIMING = {"epoch_time_s", "train_img_per_s"}
+
+
+def student_cmd(out_dir, data, *extra):
+    return [sys.executable, str(REPO / "train_student.py"), "--out_dir", str(out_dir),
+            "--data_dir", data, "--no_download", "--epochs", "3", "--batch_size", "20",
+            "--eval_batch_size", "50", *extra]
+
+
+def run_to_end(cmd):
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def start_and_signal(cmd, sig, delay_s):
+    """Start a run, wait until its first epoch is checkpointed, wait delay_s more, send sig."""
+    last = os.path.join(cmd[cmd.index("--out_dir") + 1], "last.pt")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    while proc.poll() is None and not os.path.exists(last):
+        time.sleep(0.01)
+    time.sleep(delay_s)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def rows_in(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return max(0, sum(1 for _ in f) - 1)
+
+
+def log_without_timing(folder):
+    with open(folder / "log.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def final_weights(folder):
+    return torch.load(folder / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(fake_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference") / "run"
+    run_to_end(student_cmd(folder, fake_data))
+    return folder
+
+
+def assert_same_run(folder, reference):
+    assert log_without_timing(folder) == log_without_timing(reference)
+    ours, theirs = final_weights(folder), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), f"{k} differs after resume"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_graceful_stop_then_resume_is_exact(reference, fake_data, tmp_path, sig, code):
+    folder = tmp_path / "run"
+    returncode, stderr = start_and_signal(student_cmd(folder, fake_data), sig, 0.3)
+    assert returncode == code, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    stopped_at = load_checkpoint(str(folder / "last.pt"))["epoch"]
+    assert 1 <= stopped_at < 3 and rows_in(folder / "log.csv") == stopped_at
+    run_to_end(student_cmd(folder, fake_data, "--resume"))
+    assert_same_run(folder, reference)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.4])
+def test_sigkill_at_any_point_then_resume_is_exact(reference, fake_data, tmp_path, delay_s):
+    folder = tmp_path / "run"
+    returncode, _ = start_and_signal(student_cmd(folder, fake_data), signal.SIGKILL, delay_s)
+    assert returncode == -signal.SIGKILL
+    run_to_end(student_cmd(folder, fake_data, "--resume"))
+    assert_same_run(folder, reference)
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # a killed write's leftovers
+
+
+def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path):
+    before = (reference / "last.pt").read_bytes()
+    cmd = student_cmd(reference, fake_data, "--resume", "--lr", "0.5", "--seed", "3")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--lr 0.2 -> 0.5" in result.stderr and "--seed 0 -> 3" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (reference / "last.pt").read_bytes() == before
+
+
+def test_resume_with_more_epochs_continues(reference, fake_data, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("last.pt", "log.csv", "config.json"):
+        (folder / name).write_bytes((reference / name).read_bytes())
+    cmd = student_cmd(folder, fake_data, "--resume")
+    cmd[cmd.index("--epochs") + 1] = "4"
+    run_to_end(cmd)
+    assert [r["epoch"] for r in log_without_timing(folder)] == ["1", "2", "3", "4"]
+    assert load_checkpoint(str(folder / "last.pt"))["epoch"] == 4
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"model": {}, "config": {"epoch": 1}})
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="disk full"):
+        save_checkpoint(path, {"model": {}, "config": {"epoch": 2}})
+    assert load_checkpoint(path)["config"] == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]
