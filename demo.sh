@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATA=data_demo
 OUT=runs/demo
-COMMON=(--data_dir "$DATA" --no_download --device cpu --epochs 5 --batch_size 32 --overwrite)
+COMMON=(--data_dir "$DATA" --no-download --device cpu --epochs 5 --batch_size 32 --overwrite)
 
 python -m kd.synthetic --out "$DATA" --train 2500 --test 500
-python train_teacher.py --out_dir "$OUT/teacher" --pretrained none --img_size 32 --lr 0.05 "${COMMON[@]}"
+python train_teacher.py --out_dir "$OUT/teacher" --pretrained none --img_size 32 --lr 0.02 "${COMMON[@]}"
 python train_student.py --out_dir "$OUT/student_baseline" --lr 0.1 "${COMMON[@]}"
 python distill_student.py --out_dir "$OUT/student_kd" --teacher_ckpt "$OUT/teacher/best.pt" \
     --lr 0.1 --alpha 0.5 --T 4 "${COMMON[@]}"

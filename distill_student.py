@@ -2,6 +2,7 @@
 
 Loss: alpha * CE(y, p_s) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)).
 """
+from kd.checkpoint import file_sha256
 from kd.cli import run_script
 from kd.flags import add_student_flags, base_parser
 from kd.models import STUDENT_ARCH, build_student, load_teacher
@@ -19,7 +20,8 @@ def main() -> None:
     args = p.parse_args()
     device = prepare_run(args)
     teacher = load_teacher(args.teacher_ckpt)
-    fit(args, build_student(args.stem), device, arch={"arch": STUDENT_ARCH}, teacher=teacher)
+    arch = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt)}
+    fit(args, build_student(args.stem), device, arch, teacher=teacher)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ A crash at any moment leaves either the previous good file or the new one, never
 Checkpoints are loaded with weights_only=True, so a tampered file cannot run code.
 """
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +49,15 @@ def save_checkpoint(path: str, state: dict) -> None:
 def copy_file(src: str, dst: str) -> None:
     with open(src, "rb") as f:
         atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+
+def file_sha256(path: str) -> str:
+    """The file's SHA-256, recorded so that a resumed KD run can check it has the same teacher."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str) -> dict:

@@ -14,8 +14,6 @@ def run_script(main: Callable[[], object]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except StopRequested:
-        command = " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv)
-        print(f"stopped; last.pt holds the last finished epoch. Resume with:\n  {command} --resume",
-              file=sys.stderr)
+    except StopRequested as e:
+        print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + received_signal())

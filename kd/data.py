@@ -56,10 +56,9 @@ def _read_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise UserError(f"CIFAR-100 file {path} is missing; remove --no-download or fix --data_dir")
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read CIFAR-100 file {path} ({e}); delete it to download again")
+        raise UserError(f"cannot read CIFAR-100 file {path} ({e}); "
+                        f"delete {os.path.dirname(path)} to download it again")
 
 
 def download_cifar100(root: str) -> None:
@@ -81,10 +80,12 @@ def load_cifar100(root: str, train: bool, download: bool = False
     coarse labels [N] (int64) and the 100 fine class names. Downloads first when asked and missing.
     """
     folder = os.path.join(root, FOLDER)
-    if download and not os.path.isdir(folder):
+    complete = all(os.path.isfile(os.path.join(folder, f)) for f in ("train", "test", "meta"))
+    if download and not complete:
         download_cifar100(root)
-    if not os.path.isdir(folder):
-        raise UserError(f"no CIFAR-100 at {folder}; pass --data_dir to where it is, or allow download")
+    elif not complete:
+        raise UserError(f"no complete CIFAR-100 in {folder} (train, test, meta); "
+                        f"point --data_dir to it, or drop --no-download")
     batch = _read_pickle(os.path.join(folder, "train" if train else "test"))
     meta = _read_pickle(os.path.join(folder, "meta"))
     try:
@@ -94,16 +95,42 @@ def load_cifar100(root: str, train: bool, download: bool = False
         coarse = torch.tensor(batch["coarse_labels"], dtype=torch.int64)
         classes = list(meta["fine_label_names"])
     except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"CIFAR-100 files in {folder} are malformed ({e!r}); delete them to download again")
+        raise UserError(f"CIFAR-100 files in {folder} are malformed ({e!r}); delete the folder to "
+                        f"download them again")
     if not (len(images) == len(labels) == len(coarse)) or len(classes) != 100:
-        raise UserError(f"CIFAR-100 files in {folder} are inconsistent; delete them to download again")
+        raise UserError(f"CIFAR-100 files in {folder} are inconsistent; delete the folder to download "
+                        f"them again")
     if labels.min() < 0 or labels.max() >= 100 or coarse.min() < 0 or coarse.max() >= 20:
-        raise UserError(f"CIFAR-100 labels in {folder} are out of range; delete them to download again")
+        raise UserError(f"CIFAR-100 labels in {folder} are out of range; delete the folder to download "
+                        f"them again")
     return images, labels, coarse, classes
 
 
 def load_split(root: str, train: bool, download: bool = False) -> Split:
     return Split(*load_cifar100(root, train, download))
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """Split off a seeded, class-balanced validation set of n images (n/100 per class).
+
+    Returns (train, val); the val images are removed from train.
+    """
+    num_classes = len(split.classes)
+    if n % num_classes:
+        raise UserError(f"--val_size must be a multiple of {num_classes} (one share per class)")
+    per_class = n // num_classes
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator)
+    ranks = torch.zeros(len(split), dtype=torch.int64)  # rank of each image within its class
+    for c in range(num_classes):
+        members = order[split.labels[order] == c]
+        if len(members) <= per_class:
+            raise UserError(f"--val_size {n} leaves no training image of class {c}")
+        ranks[members] = torch.arange(len(members))
+    is_val = ranks < per_class
+    pick = lambda mask: Split(split.images[mask], split.labels[mask],
+                              split.coarse_labels[mask], split.classes)
+    return pick(~is_val), pick(is_val)
 
 
 def augment_indices(n: int, generator: torch.Generator, device: torch.device

@@ -71,6 +71,10 @@ class StopRequested(Exception):
     """Raised inside the epoch when SIGINT/SIGTERM asked the run to stop."""
 
 
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the epoch's updates are not saved."""
+
+
 def train_step(objective: Objective, optimizer, scheduler, scaler, autocast,
                images: torch.Tensor, labels: torch.Tensor):
     """One optimisation step; returns (loss, logits, extra loss terms), all still on the device."""
@@ -87,7 +91,8 @@ def train_step(objective: Objective, optimizer, scheduler, scaler, autocast,
 def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, autocast,
                 epoch: int, should_stop: Callable[[], bool] = lambda: False,
                 refresh_every: int = 25) -> dict:
-    """Train for one epoch; return mean loss, top-1 (%), extra loss terms, time and images/s."""
+    """Train for one epoch; return the last step's lr, mean loss, top-1 (%), extra loss terms,
+    time and images/s."""
     objective.model.train()
     device = loader.device
     sums = torch.zeros(2 + len(objective.term_names), device=device)
@@ -97,6 +102,7 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
     for step, (images, labels, _) in enumerate(bar):
         if should_stop():
             raise StopRequested
+        lr = optimizer.param_groups[0]["lr"]
         loss, logits, terms = train_step(objective, optimizer, scheduler, scaler, autocast,
                                          images, labels)
         with torch.no_grad():
@@ -113,7 +119,7 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
     means = [s / len(loader) for s in sums.tolist()]  # the one sync of the epoch
     elapsed = time.perf_counter() - start
     bar.close()
-    stats = {"train_loss": means[0], "train_top1": 100 * means[1],
+    stats = {"lr": lr, "train_loss": means[0], "train_top1": 100 * means[1],
              "epoch_time_s": elapsed, "train_img_per_s": len(loader) * loader.batch_size / elapsed}
     stats.update({f"train_{name}": v for name, v in zip(objective.term_names, means[2:])})
     return stats
@@ -122,28 +128,22 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
     bad = int(first_bad_step.item())
     if bad >= 0:
-        raise UserError(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}; "
-                        f"last.pt still holds the last good epoch; lower --lr or check the data")
+        raise NonFiniteLoss(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}")
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, autocast) -> dict:
-    """Test loss (mean CE), top-1 and top-5 (%) over every image of the loader's split once.
+def predict(model: nn.Module, loader, autocast) -> torch.Tensor:
+    """float32 logits [N, classes], on the device, for every image of the loader's split in order.
 
     The last, smaller batch is zero-padded to the full batch size so that a compiled model
-    sees one static shape; the padded rows are dropped before any metric.
+    sees one static shape; the padded rows are dropped.
     """
     model.eval()
-    sums = torch.zeros(3, device=loader.device)
+    chunks = []
     for images, labels, _ in loader:
         with autocast():
-            logits = model(pad_batch(images, loader.batch_size))[:len(labels)].float()
-        top5 = logits.topk(5, dim=1).indices
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                             (top5[:, 0] == labels).sum().float(),
-                             (top5 == labels[:, None]).any(1).sum().float()])
-    loss, top1, top5 = (s / len(loader.split) for s in sums.tolist())
-    return {"test_loss": loss, "test_top1": 100 * top1, "test_top5": 100 * top5}
+            chunks.append(model(pad_batch(images, loader.batch_size))[:len(labels)].float())
+    return torch.cat(chunks)
 
 
 def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:

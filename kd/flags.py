@@ -1,14 +1,22 @@
 """Command-line flags, each defined once; the scripts add their own few on top."""
 import argparse
+import sys
 
 from kd.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), not a usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int, lr: float
                 ) -> argparse.ArgumentParser:
     """Flags every script shares; the keyword arguments are that script's defaults."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default=out_dir, help="run folder: config, log, checkpoints, summary")
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     p.add_argument("--batch_size", type=int, default=batch_size, help="training batch size")
@@ -20,8 +28,11 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
     p.add_argument("--data_dir", default="./data",
                    help="folder holding cifar-100-python/ (downloaded there when missing); "
                         "its pickles are read, so it must be a folder you trust")
-    p.add_argument("--no_download", action="store_true",
-                   help="fail instead of downloading CIFAR-100 when --data_dir lacks it")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download CIFAR-100 into --data_dir when it is missing there")
+    p.add_argument("--val_size", type=int, default=0,
+                   help="hold out this many training images (class-balanced, seeded) as a "
+                        "validation set that picks best.pt; 0: best.pt is picked on the test set")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto picks cuda when available")
     p.add_argument("--seed", type=int, default=0, help="seeds weights init, data order, augmentation")
@@ -55,6 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.weight_decay >= 0, "--weight_decay must be >= 0"),
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
         (args.warmup_epochs >= 0, "--warmup_epochs must be >= 0"),
+        (args.val_size >= 0, "--val_size must be >= 0"),
         (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
         (0 <= getattr(args, "alpha", 0) <= 1, "--alpha must be in [0, 1] (it weighs the hard-label CE)"),
         (getattr(args, "T", 1) > 0, "--T must be positive"),

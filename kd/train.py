@@ -1,27 +1,25 @@
-"""The training run shared by the three scripts: run folder, data, loop, checkpoints, log, summary."""
+"""The training run shared by the three scripts: data, loop, evaluation, checkpoints, log, summary."""
 import argparse
 import contextlib
 import os
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from kd.checkpoint import copy_file, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json
-from kd.data import DeviceLoader, load_split
-from kd.engine import Objective, evaluate, make_optimizer, make_scheduler, train_epoch
+from kd.data import DeviceLoader, hold_out, load_split
+from kd.engine import (NonFiniteLoss, Objective, StopRequested, make_optimizer, make_scheduler,
+                       predict, train_epoch)
 from kd.errors import UserError
 from kd.flags import check_args
 from kd.logger import CSVLogger
+from kd.metrics import fine_to_coarse, split_metrics
+from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, stopped_message
 from kd.signals import stop_requested
 
-RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json")
-# Flags that may differ when resuming: where and how the run executes, not what it computes.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "no_download",
-                     "device", "compile", "eval_batch_size", "teacher_ckpt"}
+METRICS = ["loss", "top1", "top5", "ece", "super_top1", "err_in_super"]
+KD_METRICS = ["agree", "kl_t_s"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,147 +30,149 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_out_dir(args: argparse.Namespace) -> None:
-    """Refuse to touch an existing run unless --resume or --overwrite says what to do with it."""
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out_dir, f))]
-    if args.resume:
-        if not os.path.exists(os.path.join(args.out_dir, "last.pt")):
-            hint = "--overwrite to start it again" if existing else "no --resume to start it"
-            raise UserError(f"--resume: no last.pt in {args.out_dir} (no epoch finished); "
-                            f"run with {hint}")
-        remove_stale_temp_files(args.out_dir)
-    elif existing and not args.overwrite:
-        raise UserError(f"{args.out_dir} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
-    elif existing:
-        for f in existing:
-            os.remove(os.path.join(args.out_dir, f))
-    os.makedirs(args.out_dir, exist_ok=True)
-
-
 def prepare_run(args: argparse.Namespace) -> torch.device:
-    """Check the flags, pick the device, claim the run folder and seed the global RNG."""
+    """Check the flags and the run folder (touching nothing), pick the device, seed the RNG."""
     check_args(args)
     device = resolve_device(args.device)
-    prepare_out_dir(args)
+    check_out_dir(args)
     torch.manual_seed(args.seed)
     return device
-
-
-def remove_stale_temp_files(folder: str) -> None:
-    """Delete what a write killed half-way left behind (kd.checkpoint.atomic_write's temp files)."""
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
 
 
 def make_autocast(args: argparse.Namespace, device: torch.device):
     """A factory of autocast contexts: bf16/fp16 on CUDA with --amp, a no-op otherwise."""
     if device.type != "cuda" or not args.amp:
         return contextlib.nullcontext
+    if args.amp_dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16 support; pass --amp_dtype fp16 or --no-amp")
     dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
-def git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+def load_eval_splits(args: argparse.Namespace, device: torch.device):
+    """Train loader plus the evaluation splits: {'val': ..., 'test': ...} (val only with --val_size)."""
+    train = load_split(args.data_dir, train=True, download=args.download)
+    splits = {"test": load_split(args.data_dir, train=False, download=args.download)}
+    if args.val_size:
+        train, splits["val"] = hold_out(train, args.val_size, args.seed)
+    if args.batch_size > len(train):
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train)} "
+                        f"training images")
+    class_to_coarse = fine_to_coarse(train.labels, train.coarse_labels).to(device)
+    loaders = {name: DeviceLoader(s, args.eval_batch_size, False, device) for name, s in splits.items()}
+    return DeviceLoader(train, args.batch_size, True, device, args.seed), loaders, class_to_coarse
 
 
-def run_config(args: argparse.Namespace, device: torch.device, arch: dict) -> dict:
-    """Every resolved flag plus what is needed to rebuild the model and reproduce the run."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {**vars(args), **arch, "command": " ".join(sys.argv), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "device_name": device_name,
-            "git_commit": git_commit()}
+def evaluate_all(model, loaders: dict, autocast, class_to_coarse, teacher_logits: dict
+                 ) -> tuple[dict, dict]:
+    """Metrics of every evaluation split, prefixed 'val_'/'test_', and the logits they came from."""
+    row, logits = {}, {}
+    for name, loader in loaders.items():
+        logits[name] = predict(model, loader, autocast)
+        split = loader.split
+        metrics = split_metrics(logits[name], split.labels, split.coarse_labels, class_to_coarse,
+                                teacher_logits.get(name))
+        row.update({f"{name}_{k}": v for k, v in metrics.items()})
+    return row, logits
 
 
-def check_resumable(saved: dict, config: dict, defining: set) -> None:
-    """Refuse to resume when a flag that changes what the run computes differs from the saved run."""
-    changed = sorted(k for k in defining if saved.get(k) != config.get(k))
-    if changed:
-        details = ", ".join(f"--{k} {saved.get(k)} -> {config.get(k)}" for k in changed)
-        raise UserError(f"--resume with flags that change the run ({details}); "
-                        f"use the original values or start a new --out_dir")
+def save_logits(path: str, logits: dict, loaders: dict, epoch: int, teacher_logits: dict) -> None:
+    """Evaluation logits (fp16, CPU) with labels, so any metric can be recomputed without a GPU."""
+    blob = {"epoch": epoch}
+    for name, loader in loaders.items():
+        blob[name] = {"logits": logits[name].half().cpu(), "labels": loader.split.labels.cpu(),
+                      "coarse_labels": loader.split.coarse_labels.cpu()}
+        if name in teacher_logits:
+            blob[name]["teacher_logits"] = teacher_logits[name].half().cpu()
+    save_checkpoint(path, blob)
 
 
 def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: dict,
         teacher: nn.Module | None = None) -> dict:
     """Train model (against teacher when given) as args say; write the run folder; return the summary."""
     config = run_config(args, device, arch)
-    train_split = load_split(args.data_dir, train=True, download=not args.no_download)
-    test_split = load_split(args.data_dir, train=False, download=not args.no_download)
-    if args.batch_size > len(train_split):
-        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_split)} "
-                        f"training images")
-    train_loader = DeviceLoader(train_split, args.batch_size, True, device, args.seed)
-    test_loader = DeviceLoader(test_split, args.eval_batch_size, False, device)
+    train_loader, eval_loaders, class_to_coarse = load_eval_splits(args, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     model.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, device)
-    steps_per_epoch = len(train_loader)
-    scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch),
-                               args.epochs * steps_per_epoch)
+    steps = len(train_loader)
+    scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == "fp16"
                                   and device.type == "cuda")
     autocast = make_autocast(args, device)
-
-    state = {"epoch": 0, "best": {"test_top1": -1.0}, "last": {}, "elapsed_s": 0.0}
+    select = "val_top1" if args.val_size else "test_top1"
+    state = {"epoch": 0, "best": {select: -1.0}, "last": {}, "elapsed_s": 0.0}
     out = lambda name: os.path.join(args.out_dir, name)
     if args.resume:
         ckpt = load_checkpoint(out("last.pt"))
-        check_resumable(ckpt["config"], config, (set(vars(args)) | set(arch)) - RESUMABLE_CHANGES)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        config = resumed_config(ckpt["config"], config, ckpt["epoch"])
+        for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
+                          ("scaler", scaler)):
+            obj.load_state_dict(ckpt[name])
         set_rng_state(ckpt["rng"])
         state = {k: ckpt[k] for k in state}
+        if state["epoch"] >= args.epochs:
+            print(f"{args.out_dir}: the run is already complete at epoch {state['epoch']}")
+            return state
+    reset_out_dir(args)
     write_json(out("config.json"), config)
-    columns = ["epoch", "lr", "train_loss", "train_top1"] + \
-        ([] if teacher is None else ["train_ce", "train_kd"]) + \
-        ["test_loss", "test_top1", "test_top5", "epoch_time_s", "train_img_per_s"]
-    logger = CSVLogger(out("log.csv"), columns, keep_epochs=state["epoch"])
 
+    distilling = teacher is not None
+    teacher_logits = {}
+    if distilling:
+        teacher.to(device, memory_format=memory_format)
+        teacher_logits = {name: predict(teacher, loader, autocast) for name, loader in eval_loaders.items()}
+        top1 = (teacher_logits["test"].argmax(1) == eval_loaders["test"].split.labels).float().mean()
+        print(f"teacher test_top1 {100 * top1.item():.2f}")
+    columns = ["epoch", "lr", "train_loss", "train_top1"] + ["train_ce", "train_kd"] * distilling
+    for name in eval_loaders:
+        columns += [f"{name}_{m}" for m in METRICS + KD_METRICS * distilling]
+    logger = CSVLogger(out("log.csv"), columns + ["epoch_time_s", "train_img_per_s"],
+                       keep_epochs=state["epoch"])
     objective = Objective(model, teacher, getattr(args, "alpha", 1.0), getattr(args, "T", 1.0),
                           compile=args.compile)
     eval_model = torch.compile(model) if args.compile else model
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         started = time.perf_counter()
-        row = {"epoch": epoch}
-        row.update(train_epoch(objective, train_loader, optimizer, scheduler, scaler, autocast,
-                               epoch, should_stop=stop_requested))
-        row.update(evaluate(eval_model, test_loader, autocast))
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        try:
+            row = {"epoch": epoch, **train_epoch(objective, train_loader, optimizer, scheduler,
+                                                 scaler, autocast, epoch, stop_requested)}
+        except NonFiniteLoss as e:
+            raise UserError(f"{e}; {stopped_message(state['epoch'])}") from None
+        except StopRequested:
+            raise StopRequested(stopped_message(state["epoch"])) from None
+        metrics, logits = evaluate_all(eval_model, eval_loaders, autocast, class_to_coarse,
+                                       teacher_logits)
+        row.update(metrics)
         logger.log(row)
         state["epoch"] = epoch
         state["elapsed_s"] += time.perf_counter() - started
-        is_best = row["test_top1"] > state["best"]["test_top1"]
-        state["last"] = {k: row[k] for k in ("epoch", "test_top1", "test_top5", "test_loss")}
+        state["last"] = {k: v for k, v in row.items() if k == "epoch" or k[:4] in ("val_", "test")}
+        is_best = row[select] > state["best"][select]
         if is_best:
             state["best"] = state["last"]
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "config": config, "rng": rng_state(), **state}
-        save_checkpoint(out("last.pt"), ckpt)
+        save_logits(out("logits_last.pt"), logits, eval_loaders, epoch, teacher_logits)
+        save_checkpoint(out("last.pt"), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "config": config, "rng": rng_state(), **state})
         if is_best:
             copy_file(out("last.pt"), out("best.pt"))
+            copy_file(out("logits_last.pt"), out("logits_best.pt"))
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"test_top1 {row['test_top1']:.2f}  test_top5 {row['test_top5']:.2f}  "
+              f"{select} {row[select]:.2f}  test_top1 {row['test_top1']:.2f}  "
               f"{row['train_img_per_s']:.0f} img/s", flush=True)
     logger.close()
-    summary = {"best_test_top1": state["best"]["test_top1"],
-               "best_test_top5": state["best"]["test_top5"], "best_epoch": state["best"]["epoch"],
-               "last_test_top1": state["last"]["test_top1"],
-               "last_test_top5": state["last"]["test_top5"],
-               "epochs": state["epoch"], "total_time_s": state["elapsed_s"]}
-    write_json(out("summary.json"), summary)
+    return write_summary(out("summary.json"), state, select)
+
+
+def write_summary(path: str, state: dict, select: str) -> dict:
+    best, last = state["best"], state["last"]
+    summary = {"selected_by": select, "best_epoch": best["epoch"],
+               "best_test_top1": best["test_top1"], "best_test_top5": best["test_top5"],
+               "last_test_top1": last["test_top1"], "last_test_top5": last["test_top5"],
+               "epochs": state["epoch"], "total_time_s": state["elapsed_s"],
+               "best": best, "last": last}
+    write_json(path, summary)
     return summary

@@ -21,7 +21,7 @@ def test_load_reads_the_cifar_format(fake_data):
 
 
 def test_missing_folder_without_download_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no CIFAR-100"):
+    with pytest.raises(UserError, match="no complete CIFAR-100"):
         load_cifar100(str(tmp_path), train=True, download=False)
 
 
@@ -48,7 +48,8 @@ class RunsCode:
 def test_pickle_that_runs_code_is_refused(fake_data, tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    (folder / "meta").write_bytes(open(os.path.join(fake_data, "cifar-100-python", "meta"), "rb").read())
+    for name in ("meta", "test"):
+        (folder / name).write_bytes(open(os.path.join(fake_data, "cifar-100-python", name), "rb").read())
     marker = tmp_path / "pwned"
     (folder / "train").write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=2))
     with pytest.raises(UserError, match="system is not allowed"):

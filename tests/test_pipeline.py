@@ -9,11 +9,13 @@ import torch
 
 from conftest import REPO
 
-COMMON = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no_download"]
+COMMON = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
 
 
 def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO,
+    """Run a script (or `-m module`) of the repo as a user would, from the repo root."""
+    target = [script] if script == "-m" else [str(REPO / script)]
+    result = subprocess.run([sys.executable, *target, *args], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -28,16 +30,19 @@ def runs(fake_data, tmp_path_factory):
         "--img_size", "32", "--lr", "0.02", *COMMON, *data)
     run("train_student.py", "--out_dir", str(root / "baseline"), *COMMON, *data)
     run("distill_student.py", "--out_dir", str(root / "kd"), "--teacher_ckpt",
-        str(root / "teacher" / "best.pt"), "--alpha", "0.3", "--T", "2", *COMMON, *data)
+        str(root / "teacher" / "best.pt"), "--alpha", "0.3", "--T", "2", "--val_size", "100",
+        *COMMON, *data)
     return root
 
 
 BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-                "epoch_time_s", "train_img_per_s"]
+                "test_ece", "test_super_top1", "test_err_in_super", "epoch_time_s",
+                "train_img_per_s"]
+KD_COLUMNS = ["train_ce", "train_kd", "test_agree", "test_kl_t_s", "val_top1", "val_ece",
+              "val_agree"]
 
 
-@pytest.mark.parametrize("name,extra", [("teacher", []), ("baseline", []),
-                                        ("kd", ["train_ce", "train_kd"])])
+@pytest.mark.parametrize("name,extra", [("teacher", []), ("baseline", []), ("kd", KD_COLUMNS)])
 def test_run_folder_is_complete(runs, name, extra):
     folder = runs / name
     rows = list(csv.DictReader(open(folder / "log.csv")))
@@ -57,6 +62,35 @@ def test_run_folder_is_complete(runs, name, extra):
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "config",
                 "rng"} <= set(ckpt)
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 2
+    logits = torch.load(folder / "logits_last.pt", weights_only=True)
+    assert logits["epoch"] == 2 and logits["test"]["logits"].shape == (100, 100)
+    assert logits["test"]["logits"].dtype == torch.float16
+    top1 = (logits["test"]["logits"].float().argmax(1) == logits["test"]["labels"]).float().mean()
+    assert 100 * top1.item() == pytest.approx(float(rows[-1]["test_top1"]), abs=1e-3)
+    assert (folder / "logits_best.pt").exists()
+
+
+def test_validation_split_picks_the_best_checkpoint(runs):
+    summary = json.load(open(runs / "kd" / "summary.json"))
+    rows = list(csv.DictReader(open(runs / "kd" / "log.csv")))
+    best_row = max(rows, key=lambda r: float(r["val_top1"]))
+    assert summary["selected_by"] == "val_top1"
+    assert summary["best_epoch"] == int(best_row["epoch"])
+    assert summary["best"]["val_top1"] == pytest.approx(float(best_row["val_top1"]), abs=1e-3)
+    assert summary["best"]["test_top1"] == pytest.approx(float(best_row["test_top1"]), abs=1e-3)
+    logits = torch.load(runs / "kd" / "logits_best.pt", weights_only=True)
+    assert logits["val"]["logits"].shape == (100, 100) and "teacher_logits" in logits["test"]
+
+
+def test_evaluate_any_checkpoint_matches_the_log(runs, fake_data, tmp_path):
+    out = tmp_path / "m.json"
+    run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--data_dir", fake_data,
+        "--no-download", "--json", str(out))
+    metrics = json.load(open(out))
+    last = list(csv.DictReader(open(runs / "baseline" / "log.csv")))[-1]
+    for key in ("test_top1", "test_top5", "test_ece", "test_super_top1"):
+        assert metrics[key] == pytest.approx(float(last[key]), abs=1e-2), key
+    assert metrics["test_loss"] == pytest.approx(float(last["test_loss"]), rel=1e-3)
 
 
 def test_kd_config_records_the_loss_settings(runs):
@@ -121,3 +155,29 @@ def test_cuda_on_a_machine_without_it(fake_data, tmp_path):
     result = run("train_student.py", "--out_dir", str(tmp_path / "new"), "--data_dir", fake_data,
                  "--device", "cuda", *COMMON, check=False)
     assert_one_line_error(result, "CUDA is not available")
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_overwrite_checks_everything_before_deleting(runs, fake_data):
+    before = folder_bytes(runs / "kd")
+    result = run("distill_student.py", "--out_dir", str(runs / "kd"), "--data_dir", fake_data,
+                 "--teacher_ckpt", "missing.pt", "--overwrite", *COMMON, check=False)
+    assert_one_line_error(result, "does not exist")
+    assert folder_bytes(runs / "kd") == before
+
+
+def test_resuming_a_kd_run_with_the_baseline_script_is_refused(runs, fake_data):
+    before = folder_bytes(runs / "kd")
+    result = run("train_student.py", "--out_dir", str(runs / "kd"), "--data_dir", fake_data,
+                 "--resume", *COMMON, check=False)
+    assert_one_line_error(result, "--alpha 0.3 -> None", "--T 2.0 -> None")
+    assert folder_bytes(runs / "kd") == before
+
+
+def test_argparse_mistakes_are_one_line(tmp_path):
+    result = run("train_student.py", "--out_dir", str(tmp_path / "x"), "--epochz", "3", check=False)
+    assert_one_line_error(result, "unrecognized arguments: --epochz")
+    assert result.returncode == 2

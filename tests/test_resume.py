@@ -19,7 +19,7 @@ TIMING = {"epoch_time_s", "train_img_per_s"}
 
 def student_cmd(out_dir, data, *extra):
     return [sys.executable, str(REPO / "train_student.py"), "--out_dir", str(out_dir),
-            "--data_dir", data, "--no_download", "--epochs", "3", "--batch_size", "20",
+            "--data_dir", data, "--no-download", "--epochs", "3", "--batch_size", "20",
             "--eval_batch_size", "50", *extra]
 
 

@@ -1,0 +1,70 @@
+"""Metrics computed from a whole split's logits at once, on whatever device the logits are on.
+
+Beyond top-1/top-5 they measure what KD is claimed to improve: calibration (NLL, ECE), how
+sensible the mistakes are (superclass accuracy), and, for a student, agreement with its teacher.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def fine_to_coarse(labels: torch.Tensor, coarse_labels: torch.Tensor, num_classes: int = 100
+                   ) -> torch.Tensor:
+    """[num_classes] map from fine class to its superclass, read off labelled data."""
+    mapping = torch.full((num_classes,), -1, dtype=torch.int64, device=labels.device)
+    return mapping.scatter(0, labels, coarse_labels)
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
+                               ) -> torch.Tensor:
+    """ECE: sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|.
+
+    Bins are (k/n, (k+1)/n], as in Guo et al. (2017).
+    """
+    confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+    correct = (predicted == labels).float()
+    bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
+    count = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, confidence)
+    correct_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, correct)
+    return (conf_sum - correct_sum).abs().sum() / len(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, coarse_labels: torch.Tensor,
+                           class_to_coarse: torch.Tensor) -> dict[str, torch.Tensor]:
+    """top-1, top-5, superclass accuracy and in-superclass error share (%), NLL, ECE (%)."""
+    logits = logits.float()
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct = top5[:, 0] == labels
+    same_superclass = class_to_coarse[top5[:, 0]] == coarse_labels
+    errors = (~correct).sum()
+    return {
+        "top1": 100 * correct.float().mean(),
+        "top5": 100 * (top5 == labels[:, None]).any(dim=1).float().mean(),
+        "nll": F.cross_entropy(logits, labels),
+        "ece": 100 * expected_calibration_error(logits, labels),
+        "super_top1": 100 * same_superclass.float().mean(),
+        "err_in_super": 100 * (same_superclass & ~correct).sum() / errors.clamp(min=1),
+    }
+
+
+def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+    """Top-1 agreement (%) and mean KL(teacher || student) at T = 1."""
+    s, t = student_logits.float(), teacher_logits.float()
+    kl = F.kl_div(s.log_softmax(1), t.log_softmax(1), reduction="batchmean", log_target=True)
+    return {"agree": 100 * (s.argmax(1) == t.argmax(1)).float().mean(), "kl_t_s": kl}
+
+
+def split_metrics(logits: torch.Tensor, labels: torch.Tensor, coarse_labels: torch.Tensor,
+                  class_to_coarse: torch.Tensor, teacher_logits: torch.Tensor | None = None
+                  ) -> dict[str, float]:
+    """All metrics of one split as Python floats (a single device-to-host read).
+
+    'loss' is the NLL (mean cross-entropy); with teacher_logits, also 'agree' and 'kl_t_s'.
+    """
+    metrics = classification_metrics(logits, labels, coarse_labels, class_to_coarse)
+    metrics["loss"] = metrics.pop("nll")
+    if teacher_logits is not None:
+        metrics.update(agreement_metrics(logits, teacher_logits))
+    values = torch.stack(list(metrics.values())).tolist()
+    return dict(zip(metrics, values))
