@@ -2,6 +2,9 @@
 import sys
 from typing import Callable
 
+import torch.distributed as dist
+
+from kd.distributed import World
 from kd.engine import StopRequested
 from kd.errors import UserError
 from kd.signals import install_handlers, received_signal
@@ -11,8 +14,11 @@ def run_script(main: Callable[[], object]) -> None:
     install_handlers()
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if World.from_env().is_main:  # under torchrun every rank fails alike; one says why
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)

@@ -133,6 +133,12 @@ def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
     return pick(~is_val), pick(is_val)
 
 
+def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's contiguous [start, end) of `total` rows: ceil(total / world_size) rows per rank."""
+    per_rank = -(-total // world_size)
+    return min(total, rank * per_rank), min(total, (rank + 1) * per_rank)
+
+
 def augment_indices(n: int, generator: torch.Generator, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image random crop offsets and flips, as row and column index grids into the padded image.
@@ -155,13 +161,21 @@ class DeviceLoader:
     image and a random horizontal flip, all in one gather; the last partial batch is dropped.
     Eval mode: every image once, in order. Yields (images float [B,3,32,32] normalised,
     fine labels [B], coarse labels [B]); images are channels_last in memory.
+
+    With world_size > 1 (DistributedDataParallel) batch_size is the global batch: every rank
+    draws the same permutation and augmentation and takes its own slice of each global batch, so
+    the data seen per step is the same for any number of processes. In eval mode each rank takes
+    a contiguous shard (kd.distributed.shard_range) and the split stays whole for the metrics.
     """
 
     def __init__(self, split: Split, batch_size: int, train: bool, device: torch.device | str,
-                 seed: int = 0):
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
         self.split = split.to(self.device)
-        self.batch_size = batch_size
+        self.global_batch_size = batch_size if train else batch_size * world_size
+        self.batch_size = batch_size // world_size if train else batch_size
+        self.rank = rank
+        self.shard = shard_range(len(split), rank, world_size)
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -173,8 +187,9 @@ class DeviceLoader:
         self.std = torch.tensor(CIFAR100_STD, device=self.device).view(shape) * 255
 
     def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:
+            return len(self.split) // self.global_batch_size
+        return -(-(self.shard[1] - self.shard[0]) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -190,8 +205,9 @@ class DeviceLoader:
         n = len(self.split)
         order = torch.randperm(n, generator=self.generator, device=self.device)
         rows, cols = augment_indices(n, self.generator, self.device)
-        for start in range(0, n - self.batch_size + 1, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for start in range(0, n - self.global_batch_size + 1, self.global_batch_size):
+            first = start + self.rank * self.batch_size
+            idx = order[first:first + self.batch_size]
             r, c = rows[idx], cols[idx]
             crops = self.padded[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B,32,32,3]
             images = self.normalize(crops.permute(0, 3, 1, 2))
@@ -199,7 +215,7 @@ class DeviceLoader:
 
     def _eval_batches(self):
         images = self.split.images.contiguous(memory_format=torch.channels_last)
-        for start in range(0, len(self.split), self.batch_size):
-            end = start + self.batch_size
+        for start in range(*self.shard, self.batch_size):
+            end = min(start + self.batch_size, self.shard[1])
             yield (self.normalize(images[start:end]), self.split.labels[start:end],
                    self.split.coarse_labels[start:end])

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kd.distributed import average_across_ranks
 from kd.errors import UserError
 from kd.losses import kd_loss_terms
 
@@ -90,14 +91,15 @@ def train_step(objective: Objective, optimizer, scheduler, scaler, autocast,
 
 def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, autocast,
                 epoch: int, should_stop: Callable[[], bool] = lambda: False,
-                refresh_every: int = 25) -> dict:
+                show_progress: bool = True, refresh_every: int = 25) -> dict:
     """Train for one epoch; return the last step's lr, mean loss, top-1 (%), extra loss terms,
     time and images/s."""
     objective.model.train()
     device = loader.device
     sums = torch.zeros(2 + len(objective.term_names), device=device)
     first_bad_step = torch.tensor(-1, device=device)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not show_progress)
     start = time.perf_counter()
     for step, (images, labels, _) in enumerate(bar):
         if should_stop():
@@ -116,11 +118,12 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
             bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
     _check_finite(first_bad_step, epoch)
-    means = [s / len(loader) for s in sums.tolist()]  # the one sync of the epoch
+    means = [s / len(loader) for s in average_across_ranks(sums).tolist()]  # the one sync
     elapsed = time.perf_counter() - start
     bar.close()
     stats = {"lr": lr, "train_loss": means[0], "train_top1": 100 * means[1],
-             "epoch_time_s": elapsed, "train_img_per_s": len(loader) * loader.batch_size / elapsed}
+             "epoch_time_s": elapsed,
+             "train_img_per_s": len(loader) * loader.global_batch_size / elapsed}
     stats.update({f"train_{name}": v for name, v in zip(objective.term_names, means[2:])})
     return stats
 

@@ -43,6 +43,9 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
                    help="autocast dtype on CUDA; fp16 adds a gradient scaler")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (and the KD teacher separately)")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun: SyncBatchNorm (batch statistics over the global batch, "
+                        "at the cost of a collective per BatchNorm layer); CUDA only")
     p.add_argument("--eval_batch_size", type=int, default=1000, help="batch size for evaluation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from last.pt")
     p.add_argument("--overwrite", action="store_true",

@@ -20,7 +20,8 @@ RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "lo
 # Flags that may differ when resuming: where and how the run executes, not what it computes.
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "download",
                      "device", "compile", "eval_batch_size", "teacher_ckpt"}
-ENVIRONMENT_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit"}
+ENVIRONMENT_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
+                    "per_rank_batch_size"}
 
 
 def existing_run_files(out_dir: str) -> list[str]:
@@ -63,12 +64,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_config(args: argparse.Namespace, device: torch.device, arch: dict) -> dict:
+def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world) -> dict:
     """Every resolved flag plus what is needed to rebuild the model and reproduce the run."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {**vars(args), **arch, "command": shlex.join(sys.argv), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "device_name": device_name,
-            "git_commit": git_commit()}
+            "git_commit": git_commit(), "world_size": world.size,
+            "per_rank_batch_size": args.batch_size // world.size}
 
 
 def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from kd.checkpoint import copy_file, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json
 from kd.data import DeviceLoader, hold_out, load_split
+from kd.distributed import (World, agreed_stop, broadcast_buffers, check_in_sync, gather_rows,
+                            init_world, resolve_device, wrap_ddp)
 from kd.engine import (NonFiniteLoss, Objective, StopRequested, make_optimizer, make_scheduler,
                        predict, train_epoch)
 from kd.errors import UserError
@@ -22,18 +24,14 @@ METRICS = ["loss", "top1", "top5", "ece", "super_top1", "err_in_super"]
 KD_METRICS = ["agree", "kl_t_s"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def prepare_run(args: argparse.Namespace) -> torch.device:
-    """Check the flags and the run folder (touching nothing), pick the device, seed the RNG."""
+    """Check the flags and the run folder (touching nothing), pick the device (joining torchrun's
+    process group when launched by it), seed the RNG."""
     check_args(args)
-    device = resolve_device(args.device)
+    world, device = init_world(args.device)
+    if args.batch_size % world.size:
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide "
+                        f"evenly over {world.size} processes")
     check_out_dir(args)
     torch.manual_seed(args.seed)
     return device
@@ -49,7 +47,7 @@ def make_autocast(args: argparse.Namespace, device: torch.device):
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
-def load_eval_splits(args: argparse.Namespace, device: torch.device):
+def load_eval_splits(args: argparse.Namespace, device: torch.device, world: World):
     """Train loader plus the evaluation splits: {'val': ..., 'test': ...} (val only with --val_size)."""
     train = load_split(args.data_dir, train=True, download=args.download)
     splits = {"test": load_split(args.data_dir, train=False, download=args.download)}
@@ -59,16 +57,24 @@ def load_eval_splits(args: argparse.Namespace, device: torch.device):
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train)} "
                         f"training images")
     class_to_coarse = fine_to_coarse(train.labels, train.coarse_labels).to(device)
-    loaders = {name: DeviceLoader(s, args.eval_batch_size, False, device) for name, s in splits.items()}
-    return DeviceLoader(train, args.batch_size, True, device, args.seed), loaders, class_to_coarse
+    shard = {"rank": world.rank, "world_size": world.size}
+    loaders = {name: DeviceLoader(s, args.eval_batch_size, False, device, **shard)
+               for name, s in splits.items()}
+    train_loader = DeviceLoader(train, args.batch_size, True, device, args.seed, **shard)
+    return train_loader, loaders, class_to_coarse
 
 
-def evaluate_all(model, loaders: dict, autocast, class_to_coarse, teacher_logits: dict
-                 ) -> tuple[dict, dict]:
+def predict_all(model, loaders: dict, autocast, world: World) -> dict:
+    """Logits of every evaluation split; under torchrun each rank predicts a shard, all gather."""
+    return {name: gather_rows(predict(model, loader, autocast), len(loader.split), world)
+            for name, loader in loaders.items()}
+
+
+def evaluate_all(model, loaders: dict, autocast, class_to_coarse, teacher_logits: dict,
+                 world: World) -> tuple[dict, dict]:
     """Metrics of every evaluation split, prefixed 'val_'/'test_', and the logits they came from."""
-    row, logits = {}, {}
+    row, logits = {}, predict_all(model, loaders, autocast, world)
     for name, loader in loaders.items():
-        logits[name] = predict(model, loader, autocast)
         split = loader.split
         metrics = split_metrics(logits[name], split.labels, split.coarse_labels, class_to_coarse,
                                 teacher_logits.get(name))
@@ -90,10 +96,12 @@ def save_logits(path: str, logits: dict, loaders: dict, epoch: int, teacher_logi
 def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: dict,
         teacher: nn.Module | None = None) -> dict:
     """Train model (against teacher when given) as args say; write the run folder; return the summary."""
-    config = run_config(args, device, arch)
-    train_loader, eval_loaders, class_to_coarse = load_eval_splits(args, device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    world = World.from_env()
+    config = run_config(args, device, arch, world)
+    train_loader, eval_loaders, class_to_coarse = load_eval_splits(args, device, world)
+    memory_format = torch.channels_last  # the loader's layout; fastest on CUDA, fine on CPU
+    model, trained = wrap_ddp(model.to(device, memory_format=memory_format), world, device,
+                              args.sync_bn)
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, device)
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
@@ -114,22 +122,25 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         if state["epoch"] >= args.epochs:
             print(f"{args.out_dir}: the run is already complete at epoch {state['epoch']}")
             return state
-    reset_out_dir(args)
-    write_json(out("config.json"), config)
+    main = world.is_main
+    if main:
+        reset_out_dir(args)
+        write_json(out("config.json"), config)
 
     distilling = teacher is not None
     teacher_logits = {}
     if distilling:
         teacher.to(device, memory_format=memory_format)
-        teacher_logits = {name: predict(teacher, loader, autocast) for name, loader in eval_loaders.items()}
+        teacher_logits = predict_all(teacher, eval_loaders, autocast, world)
         top1 = (teacher_logits["test"].argmax(1) == eval_loaders["test"].split.labels).float().mean()
-        print(f"teacher test_top1 {100 * top1.item():.2f}")
+        print(f"teacher test_top1 {100 * top1.item():.2f}") if main else None
     columns = ["epoch", "lr", "train_loss", "train_top1"] + ["train_ce", "train_kd"] * distilling
     for name in eval_loaders:
         columns += [f"{name}_{m}" for m in METRICS + KD_METRICS * distilling]
     logger = CSVLogger(out("log.csv"), columns + ["epoch_time_s", "train_img_per_s"],
-                       keep_epochs=state["epoch"])
-    objective = Objective(model, teacher, getattr(args, "alpha", 1.0), getattr(args, "T", 1.0),
+                       keep_epochs=state["epoch"]) if main else None
+    should_stop = agreed_stop(stop_requested, world, device)
+    objective = Objective(trained, teacher, getattr(args, "alpha", 1.0), getattr(args, "T", 1.0),
                           compile=args.compile)
     eval_model = torch.compile(model) if args.compile else model
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
@@ -137,21 +148,25 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         started = time.perf_counter()
         try:
             row = {"epoch": epoch, **train_epoch(objective, train_loader, optimizer, scheduler,
-                                                 scaler, autocast, epoch, stop_requested)}
+                                                 scaler, autocast, epoch, should_stop, main)}
         except NonFiniteLoss as e:
             raise UserError(f"{e}; {stopped_message(state['epoch'])}") from None
         except StopRequested:
             raise StopRequested(stopped_message(state["epoch"])) from None
+        check_in_sync(model, world)
+        broadcast_buffers(model, world)
         metrics, logits = evaluate_all(eval_model, eval_loaders, autocast, class_to_coarse,
-                                       teacher_logits)
+                                       teacher_logits, world)
         row.update(metrics)
-        logger.log(row)
         state["epoch"] = epoch
         state["elapsed_s"] += time.perf_counter() - started
         state["last"] = {k: v for k, v in row.items() if k == "epoch" or k[:4] in ("val_", "test")}
         is_best = row[select] > state["best"][select]
         if is_best:
             state["best"] = state["last"]
+        if not main:
+            continue
+        logger.log(row)
         save_logits(out("logits_last.pt"), logits, eval_loaders, epoch, teacher_logits)
         save_checkpoint(out("last.pt"), {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -160,9 +175,11 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         if is_best:
             copy_file(out("last.pt"), out("best.pt"))
             copy_file(out("logits_last.pt"), out("logits_best.pt"))
-        print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"{select} {row[select]:.2f}  test_top1 {row['test_top1']:.2f}  "
-              f"{row['train_img_per_s']:.0f} img/s", flush=True)
+        val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
+        print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
+              f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)
+    if not main:
+        return state
     logger.close()
     return write_summary(out("summary.json"), state, select)
 

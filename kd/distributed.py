@@ -1,0 +1,129 @@
+"""Several processes under torchrun: PyTorch's DistributedDataParallel, nothing home-made.
+
+Single-process runs see world_size 1 and every helper here becomes a no-op.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kd.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env() -> "World":
+        """The process's place as torchrun describes it (World() when not launched by torchrun)."""
+        if "WORLD_SIZE" not in os.environ:
+            return World()
+        return World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                     int(os.environ["WORLD_SIZE"]))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda when available; asking for cuda without it is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def init_world(device_name: str) -> tuple[World, torch.device]:
+    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU).
+
+    Each rank gets its own GPU (cuda:LOCAL_RANK); a single process gets the device asked for.
+    """
+    device = resolve_device(device_name)
+    world = World.from_env()
+    if world.size == 1:
+        return world, device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world, torch.device(f"cuda:{world.local_rank}" if cuda else "cpu")
+
+
+def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
+    """Concatenate each rank's contiguous shard (kd.data.shard_range) of a split's rows."""
+    if world.size == 1:
+        return shard
+    per_rank = -(-total // world.size)
+    padded = torch.zeros((per_rank, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+    padded[:len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(parts, padded)
+    sizes = [max(0, min(per_rank, total - r * per_rank)) for r in range(world.size)]
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, sync_bn: bool
+             ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model to save and evaluate, module to train through): the same module in one process;
+    under torchrun the second is its DistributedDataParallel wrapper (SyncBatchNorm if asked)."""
+    if world.size == 1:
+        return model, model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ddp
+
+
+def broadcast_buffers(model: torch.nn.Module, world: World) -> None:
+    """Give every rank rank 0's BatchNorm statistics, which is what the checkpoint holds."""
+    if world.size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def agreed_stop(stop_requested, world: World, device: torch.device, every: int = 25):
+    """A stop check that all ranks answer alike: single-process it is stop_requested itself;
+    distributed, the ranks combine their flags every `every` steps, so they stop at one step."""
+    if world.size == 1:
+        return stop_requested
+    calls = [0]
+
+    def should_stop() -> bool:
+        calls[0] += 1
+        if calls[0] % every:
+            return False
+        flag = torch.tensor([float(stop_requested())], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    return should_stop
+
+
+def check_in_sync(model: torch.nn.Module, world: World) -> None:
+    """Fail loudly if the ranks' weights have drifted apart (they never should under DDP)."""
+    if world.size == 1:
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
+    parts = [torch.empty_like(checksum) for _ in range(world.size)]
+    dist.all_gather(parts, checksum)
+    if any(not torch.equal(p, checksum) for p in parts):
+        raise RuntimeError(f"rank weights differ across processes: {[p.item() for p in parts]}")
+
+
+def average_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of per-rank values (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
