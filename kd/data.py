@@ -180,11 +180,13 @@ class DeviceLoader:
         self.seed = seed
         self.epoch = 0
         self.generator = torch.Generator(device=self.device)
-        if train:  # padded once, so a batch is a single gather: shuffle, crop and flip together
-            self.padded = torch.nn.functional.pad(self.split.images, (PAD,) * 4).permute(0, 2, 3, 1)
+        if train:  # padded once, pixels as rows: a batch is one index_select (shuffle, crop, flip)
+            padded = torch.nn.functional.pad(self.split.images, (PAD,) * 4)
+            self.pixels = padded.permute(0, 2, 3, 1).reshape(-1, 3)  # [N * 40 * 40, 3]
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(CIFAR100_MEAN, device=self.device).view(shape) * 255
         self.std = torch.tensor(CIFAR100_STD, device=self.device).view(shape) * 255
+        self.scale, self.shift = 1 / self.std, -self.mean / self.std
 
     def __len__(self) -> int:
         if self.train:
@@ -195,7 +197,8 @@ class DeviceLoader:
         self.epoch = epoch
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return (images_uint8.float() - self.mean) / self.std
+        """(x - mean) / std as one fused multiply-add."""
+        return torch.addcmul(self.shift, images_uint8.float(), self.scale)
 
     def __iter__(self):
         return self._train_batches() if self.train else self._eval_batches()
@@ -208,8 +211,9 @@ class DeviceLoader:
         for start in range(0, n - self.global_batch_size + 1, self.global_batch_size):
             first = start + self.rank * self.batch_size
             idx = order[first:first + self.batch_size]
-            r, c = rows[idx], cols[idx]
-            crops = self.padded[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B,32,32,3]
+            side = 32 + 2 * PAD
+            pixel = (idx[:, None, None] * side + rows[idx][:, :, None]) * side + cols[idx][:, None, :]
+            crops = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)
             images = self.normalize(crops.permute(0, 3, 1, 2))
             yield images, self.split.labels[idx], self.split.coarse_labels[idx]
 

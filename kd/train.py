@@ -97,6 +97,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         teacher: nn.Module | None = None) -> dict:
     """Train model (against teacher when given) as args say; write the run folder; return the summary."""
     world = World.from_env()
+    torch.backends.cudnn.benchmark = True  # static shapes: the fastest kernels, found once
     config = run_config(args, device, arch, world)
     train_loader, eval_loaders, class_to_coarse = load_eval_splits(args, device, world)
     memory_format = torch.channels_last  # the loader's layout; fastest on CUDA, fine on CPU

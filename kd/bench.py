@@ -1,0 +1,433 @@
+"""Throughput of every stage of a training run, measured in one process so that ratios are fair.
+
+  data     kd.data.DeviceLoader against the usual torchvision pipeline (PIL crop and flip in
+           DataLoader workers) on the same images: one epoch, augmentation on
+  train    kd.engine.train_step for the teacher, the CE student and the KD student (online
+           teacher) on a batch already on the device, and, for the students, the same steps fed by
+           the DeviceLoader: "input cost" is how much longer a step takes with the loader
+  eval     kd.engine.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
+
+Every config runs in each variant of dtype (autocast, as kd.train.make_autocast builds it; fp16
+with a GradScaler) x channels_last x torch.compile. Images are random uint8, not CIFAR-100:
+throughput does not depend on pixel values. CUDA time comes from CUDA events around blocks of
+steps (synchronised only at block ends), CPU time from perf_counter; each number is the median
+of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
+
+  python -m kd.bench                            # CUDA: 96 rows, 48 of them compiled (long)
+  python -m kd.bench --compile off              # the eager half of the grid
+  python -m kd.bench --compile on --dtypes bf16 --channels_last on
+  python -m kd.bench --quick --device cpu       # smoke run, under 3 minutes on 2 cores
+"""
+import argparse
+import contextlib
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from torchvision import transforms
+
+from kd.checkpoint import write_json
+from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split
+from kd.distributed import resolve_device
+from kd.engine import Objective, make_optimizer, make_scheduler, predict, train_step
+from kd.errors import UserError
+from kd.metrics import fine_to_coarse, split_metrics
+from kd.models import build_student, build_teacher
+from kd.train import make_autocast
+
+DTYPES = ["bf16", "fp16", "fp32"]
+LR, MOMENTUM, WEIGHT_DECAY, ALPHA, T = 0.01, 0.9, 5e-4, 0.5, 4.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one row trains or evaluates."""
+
+    name: str
+    student: bool  # the MobileNetV3-Small student; else the ResNet-50 teacher alone
+    img_size: int = 32  # the teacher's input size, whether it trains or teaches
+    kd: bool = False  # the student learns from a frozen teacher that runs every step
+    train: bool = True  # False: evaluation passes
+
+
+CONFIGS = {c.name: c for c in [
+    Config("teacher_32", student=False, img_size=32),
+    Config("teacher_128", student=False, img_size=128),
+    Config("teacher_224", student=False, img_size=224),
+    Config("student_ce", student=True),
+    Config("kd_t224", student=True, img_size=224, kd=True),
+    Config("kd_t128", student=True, img_size=128, kd=True),
+    Config("kd_t32", student=True, img_size=32, kd=True),
+    Config("eval_student", student=True, train=False),
+    Config("eval_teacher_224", student=False, img_size=224, train=False),
+]}
+CUDA_CONFIGS = [name for name in CONFIGS if name != "kd_t32"]
+SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "eval_student"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a config runs: autocast dtype, memory format of model and input, torch.compile."""
+
+    dtype: str
+    channels_last: bool
+    compile: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: pick from {','.join(choices)}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto picks cuda when available (default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: fewer images, steps and repeats, the small configs, eager only")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every result, the device, torch version and flags here "
+                        "(rewritten after each row, so a cut-off run keeps what it measured)")
+    p.add_argument("--batch_size", type=int, metavar="N",
+                   help="training batch size (default 256, the scripts' default)")
+    p.add_argument("--eval_batch_size", type=int, metavar="N",
+                   help="evaluation batch size (default 1000, as the training scripts; "
+                        "256 with --quick on CPU)")
+    p.add_argument("--images", type=int, metavar="N",
+                   help="generated training images (default 50,000 on CUDA, 10,000 on CPU, 4,096 with "
+                        "--quick); the eval split is a fifth of it, in whole eval batches")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="training steps per timed block (default 20 on CUDA, 5 on CPU; 1 with --quick)")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="timed blocks; the median is reported (default 5; 3 with --quick)")
+    p.add_argument("--warmup", type=int, metavar="N",
+                   help="untimed warm-up training steps, compilation included (default 5; 1 with "
+                        "--quick); data epochs and eval passes always warm up with one")
+    p.add_argument("--configs", metavar="LIST", type=comma_list(list(CONFIGS)),
+                   help=f"comma-separated, from {','.join(CONFIGS)} (default on CUDA: all but kd_t32; "
+                        f"on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
+    p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
+                   help="autocast dtypes, comma-separated (default on CUDA: bf16,fp16,fp32, bf16 with "
+                        "--quick; CPU: fp32, the only one kd.train.make_autocast gives there)")
+    p.add_argument("--compile", choices=["off", "on", "both"],
+                   help="torch.compile variants (default on CUDA: both, off with --quick; CPU: off)")
+    p.add_argument("--channels_last", choices=["off", "on", "both"],
+                   help="model and input memory format (default on CUDA: both, on with --quick; "
+                        "CPU: off, as kd.train.fit leaves a CPU model)")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="set torch.backends.cudnn.benchmark (kd.train leaves it off)")
+    return p.parse_args(argv)
+
+
+def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
+    """Resolve the flags left unset: the full grid on CUDA, small and eager on CPU or with --quick."""
+    quick, small_cpu = args.quick, args.quick and not cuda
+    defaults = {
+        "batch_size": 256,  # the scripts' default: data throughput depends on it
+        "eval_batch_size": 256 if small_cpu else 1000,
+        "images": 4_096 if quick else 50_000 if cuda else 10_000,
+        "steps": 1 if quick else 20 if cuda else 5,
+        "repeats": 3 if quick else 5,
+        "warmup": 1 if quick else 5,
+        "configs": CUDA_CONFIGS if cuda and not quick else SMALL_CONFIGS,
+        "dtypes": (["bf16"] if quick else DTYPES) if cuda else ["fp32"],
+        "compile": "both" if cuda and not quick else "off",
+        "channels_last": ("on" if quick else "both") if cuda else "off",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("batch_size", "eval_batch_size", "images", "steps", "repeats", "warmup"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.images < args.batch_size:
+        raise UserError(f"--images {args.images} is fewer than one --batch_size {args.batch_size}")
+    if not cuda and args.dtypes != ["fp32"]:
+        raise UserError("on CPU only --dtypes fp32 applies: kd.train.make_autocast autocasts on CUDA only")
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """Eager before compiled, so a run cut short still holds the whole eager grid."""
+    both = {"off": [False], "on": [True], "both": [False, True]}
+    return [Variant(dtype, cl, comp) for comp in both[args.compile] for dtype in args.dtypes
+            for cl in reversed(both[args.channels_last])]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name} ({torch.get_num_threads()} torch threads)"
+
+
+def random_split(n: int, seed: int = 0) -> Split:
+    """n random uint8 images with random fine labels, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 100, (n,), generator=g)
+    return Split(images, labels, labels // 5, [f"class_{i}" for i in range(100)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(block: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of block takes; on CUDA between events, with one sync at the end."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        block()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    block()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
+
+
+@dataclass
+class Timing:
+    seconds: float  # median seconds per call
+    first_s: float  # the first warm-up call alone: compilation, cuDNN set-up, worker start
+
+
+def measure(call: Callable[[], None], calls_per_block: int, warmup: int, repeats: int,
+            device: torch.device) -> Timing:
+    """Median seconds per call over `repeats` timed blocks, after `warmup` untimed calls."""
+    sync(device)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    first_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        call()
+    sync(device)
+
+    def block() -> None:
+        for _ in range(calls_per_block):
+            call()
+    times = [time_block(block, device) for _ in range(repeats)]
+    return Timing(statistics.median(times) / calls_per_block, first_s)
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The usual torchvision CIFAR pipeline: each item becomes a PIL image, then is transformed."""
+
+    def __init__(self, split: Split):
+        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as torchvision's CIFAR100
+        self.labels = split.labels.tolist()
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_data(split: Split, loader: DeviceLoader, args: argparse.Namespace,
+               device: torch.device) -> dict:
+    """One augmented epoch through each pipeline, ending with the batch on the device.
+
+    The reference keeps its workers between epochs (persistent_workers) and warms up for one
+    epoch, so worker start-up is not counted against it.
+    """
+    def device_epoch() -> None:
+        for _ in loader:
+            pass
+
+    workers = os.cpu_count() or 1
+    reference = torch.utils.data.DataLoader(
+        PILDataset(split), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
+
+    def reference_epoch() -> None:
+        for images, labels in reference:
+            images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    epoch_images = len(loader) * args.batch_size
+    ours = epoch_images / measure(device_epoch, 1, 1, args.repeats, device).seconds
+    theirs = epoch_images / measure(reference_epoch, 1, 1, args.repeats, device).seconds
+    del reference  # stops its workers before the training benchmarks
+    return {"images": len(split), "batch_size": args.batch_size, "device_loader_img_per_s": ours,
+            "torchvision_img_per_s": theirs, "torchvision_workers": workers, "ratio": ours / theirs}
+
+
+def build(config: Config, variant: Variant, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The model that trains or evaluates and, for KD, the frozen teacher, placed as kd.train.fit does."""
+    model = build_student("cifar") if config.student else build_teacher(config.img_size)
+    model.to(device, memory_format=variant.memory_format)
+    teacher = None
+    if config.kd:
+        teacher = build_teacher(config.img_size).to(device, memory_format=variant.memory_format)
+        teacher.eval().requires_grad_(False)
+    return model, teacher
+
+
+def autocast_for(variant: Variant, device: torch.device):
+    return make_autocast(argparse.Namespace(amp=variant.dtype != "fp32", amp_dtype=variant.dtype), device)
+
+
+def loader_batches(loader: DeviceLoader, memory_format: torch.memory_format) -> Iterator:
+    """The loader's batches epoch after epoch, as kd.train.fit draws them, in the variant's format
+    (the loader yields channels_last, so this is a copy only in the channels_last-off variants)."""
+    for epoch in itertools.count(1):
+        loader.set_epoch(epoch)
+        for images, labels, _ in loader:
+            yield images.contiguous(memory_format=memory_format), labels
+
+
+def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,
+                device: torch.device) -> dict:
+    """Training steps on one pre-made batch and, for the students, fed by the DeviceLoader."""
+    model, teacher = build(config, variant, device)
+    model.train()
+    optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, device)
+    scheduler = make_scheduler(optimizer, 0, 10**6)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == "fp16")
+    autocast = autocast_for(variant, device)
+    objective = Objective(model, teacher, ALPHA, T, compile=variant.compile)
+
+    def stepper(batches: Iterator) -> Callable[[], None]:
+        def step() -> None:
+            train_step(objective, optimizer, scheduler, scaler, autocast, *next(batches))
+        return step
+
+    images, labels, _ = next(iter(loader))
+    premade = itertools.repeat((images.contiguous(memory_format=variant.memory_format), labels))
+    timing = measure(stepper(premade), args.steps, args.warmup, args.repeats, device)
+    row = {"config": config.name, **asdict(variant), "img_per_s": args.batch_size / timing.seconds}
+    if variant.compile:
+        row["compile_s"] = timing.first_s - timing.seconds
+    if config.student:
+        fed = measure(stepper(loader_batches(loader, variant.memory_format)), args.steps,
+                      args.warmup, args.repeats, device)
+        row["loader_img_per_s"] = args.batch_size / fed.seconds
+        row["input_cost_pct"] = 100 * (fed.seconds / timing.seconds - 1)
+    return row
+
+
+def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,
+               device: torch.device) -> dict:
+    """Evaluation passes as a single-process kd.train.fit runs them after each epoch: predict, then
+    the metrics, with the model compiled the same way.
+
+    Their one read of the metrics comes at the end of the pass, i.e. at the end of the timed block.
+    The eval loader's batches are channels_last in every variant, as in kd.train.fit; the variant
+    sets the model's format.
+    """
+    model, _ = build(config, variant, device)
+    eval_model = torch.compile(model) if variant.compile else model
+    autocast = autocast_for(variant, device)
+    split = loader.split
+    class_to_coarse = fine_to_coarse(split.labels, split.coarse_labels)
+
+    def evaluate() -> None:
+        logits = predict(eval_model, loader, autocast)
+        split_metrics(logits, split.labels, split.coarse_labels, class_to_coarse)
+    timing = measure(evaluate, 1, 1, args.repeats, device)
+    row = {"config": config.name, **asdict(variant), "img_per_s": len(loader.split) / timing.seconds}
+    if variant.compile:
+        row["compile_s"] = timing.first_s - timing.seconds
+    return row
+
+
+COLUMNS = f"{'config':<17} {'dtype':<5} {'memory':<6} {'mode':<8} {'img/s':>9} " \
+          f"{'loader img/s':>12} {'input cost':>10} {'compile s':>9}"
+
+
+def format_row(row: dict) -> str:
+    loader = f"{row['loader_img_per_s']:,.0f}" if "loader_img_per_s" in row else "-"
+    cost = f"{row['input_cost_pct']:+.1f}%" if "input_cost_pct" in row else "-"
+    compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else "-"
+    return (f"{row['config']:<17} {row['dtype']:<5} {'CL' if row['channels_last'] else 'NCHW':<6} "
+            f"{'compiled' if row['compile'] else 'eager':<8} {row['img_per_s']:>9,.1f} "
+            f"{loader:>12} {cost:>10} {compile_s:>9}")
+
+
+def print_header(report: dict, args: argparse.Namespace, device: torch.device) -> None:
+    print(f"device: {report['device']}   torch {report['torch']}")
+    print(f"host: {os.cpu_count()} cores, load average {report['load_average']:.1f} "
+          f"(other work on them slows CPU runs and CUDA kernel launches)")
+    print(f"random uint8 images (not CIFAR-100): {args.images:,} train, batch {args.batch_size}, "
+          f"eval batch {args.eval_batch_size}; timed blocks of {args.steps} step(s), median of "
+          f"{args.repeats}, after {args.warmup} warm-up step(s)")
+    if device.type == "cpu":
+        print("CPU: fp32 only (autocast is CUDA-only in kd.train), "
+              f"compile {args.compile}, channels_last {args.channels_last}", flush=True)
+    else:
+        print(f"cudnn.benchmark {torch.backends.cudnn.benchmark}", flush=True)
+
+
+def print_data(data: dict) -> None:
+    print(f"\ndata: one augmented epoch of {data['images']:,} images, batch {data['batch_size']}")
+    print(f"  {'kd.data.DeviceLoader':<44} {data['device_loader_img_per_s']:>12,.0f} img/s")
+    name = f"torchvision DataLoader, PIL, {data['torchvision_workers']} workers"
+    print(f"  {name:<44} {data['torchvision_img_per_s']:>12,.0f} img/s")
+    print(f"  {'ratio':<44} {data['ratio']:>12,.1f} x", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    fill_defaults(args, device.type == "cuda")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.manual_seed(0)
+    report = {"device": device_name(device), "device_type": device.type,
+              "torch": str(torch.__version__), "load_average": os.getloadavg()[0], "flags": vars(args),
+              "data": None, "train": [], "eval": []}
+    save = (lambda: write_json(args.json, report)) if args.json else (lambda: None)
+    print_header(report, args, device)
+
+    split = random_split(args.images)
+    train_loader = DeviceLoader(split, args.batch_size, True, device, seed=0)
+    n_eval = max(1, args.images // 5 // args.eval_batch_size) * args.eval_batch_size  # no padded batch
+    eval_loader = DeviceLoader(random_split(n_eval, seed=1), args.eval_batch_size, False, device)
+    report["data"] = bench_data(split, train_loader, args, device)
+    print_data(report["data"])
+    save()
+
+    print("\nimg/s: training on one pre-made batch, or evaluation passes; loader img/s: the same "
+          "steps fed by DeviceLoader;\ninput cost: extra step time with the loader\n" + COLUMNS,
+          flush=True)
+    for variant in variants(args):
+        for config in (CONFIGS[name] for name in args.configs):
+            if variant.compile:
+                torch._dynamo.reset()  # else each new model recompiles the same code, past dynamo's limit
+            bench = bench_train if config.train else bench_eval
+            row = bench(config, variant, train_loader if config.train else eval_loader, args, device)
+            report["train" if config.train else "eval"].append(row)
+            print(format_row(row), flush=True)
+            save()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,41 @@
+"""python -m kd.bench as a user runs it: the quick CPU run measures every stage and writes them all.
+
+Only the presence and sign of the numbers are checked; their values depend on the machine.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parents[1]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_quick_cpu_run_reports_every_stage(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench("--quick", "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] and report["torch"] and report["flags"]["quick"]
+
+    data = report["data"]
+    assert data["device_loader_img_per_s"] > 0 and data["torchvision_img_per_s"] > 0
+    assert data["ratio"] > 0
+
+    train = {row["config"]: row for row in report["train"]}
+    assert set(train) == {"teacher_32", "student_ce", "kd_t32"}
+    assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
+    for name in ("student_ce", "kd_t32"):
+        assert train[name]["loader_img_per_s"] > 0 and "input_cost_pct" in train[name]
+    assert [row["config"] for row in report["eval"]] == ["eval_student"]
+    assert report["eval"][0]["img_per_s"] > 0
+    assert "kd_t32" in result.stdout and "DeviceLoader" in result.stdout
+
+
+def test_autocast_dtypes_are_refused_on_cpu():
+    result = bench("--device", "cpu", "--dtypes", "bf16")
+    assert result.returncode == 2 and "fp32" in result.stderr
