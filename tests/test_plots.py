@@ -1,4 +1,6 @@
-"""plots/plot_runs.py on tiny hand-written run folders, run as a subprocess like a user would."""
+"""plots/plot_runs.py on tiny hand-written run folders in the minimal format of older runs (no
+logits, no calibration columns), run as a subprocess like a user would. tests/test_report.py
+covers the report on runs in the current format."""
 import json
 import math
 import subprocess
@@ -7,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from plots.plot_runs import main
+
 REPO = Path(__file__).parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PNGS = ["test_top1.png", "train_loss.png", "lr.png"]
+PNGS = ["test_top1.png", "train_loss.png", "lr.png", "comparison.png"]
 BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                 "epoch_time_s", "train_img_per_s"]
 KD_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_ce", "train_kd", "test_loss",
@@ -45,10 +49,21 @@ def plot(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
-def table_rows(stdout: str) -> dict[str, list[str]]:
-    """The markdown table's data rows, keyed by run name."""
-    rows = [[c.strip() for c in line.strip("|").split("|")]
-            for line in stdout.splitlines() if line.startswith("|")]
+def plot_here(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    """plot() in this process: the same exit code and output, without seconds of imports."""
+    try:
+        main(list(map(str, args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def table_rows(stdout: str) -> dict[str, dict[str, str]]:
+    """The first markdown table's data rows, keyed by run name."""
+    table = stdout[stdout.index("\n|"):].strip().split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
     header, body = rows[0], rows[2:]
     return {row[0]: dict(zip(header, row)) for row in body}
 
@@ -70,6 +85,8 @@ def test_plots_and_table(runs: list[Path], tmp_path: Path):
     for name in PNGS:
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), name
+    assert not (out / "reliability.png").exists()  # no run has logits_best.pt
+    assert (out / "results.md").read_text() == result.stdout
     rows = table_rows(result.stdout)
     assert set(rows) == {"teacher_r50", "kd_mnv3", "student_partial"}
     assert rows["teacher_r50"]["best top-1"] == "61.50"
@@ -88,14 +105,20 @@ def test_plots_and_table(runs: list[Path], tmp_path: Path):
     assert partial["time (min)"] == "1.5"
     assert partial["status"] == "unfinished"
     assert rows["teacher_r50"]["status"] == rows["kd_mnv3"]["status"] == "done"
+    assert rows["teacher_r50"]["best by"] == "test"  # no selected_by, no val_top1 column
+    assert rows["kd_mnv3"]["best ECE %"] == "–"  # not logged by older runs
+    assert rows["kd_mnv3"]["params (M)"] == "–"  # no stem or img_size in config: unknown model
 
 
 def test_defaults_find_runs_and_write_to_plots(runs: list[Path], tmp_path: Path):
     (tmp_path / "runs" / "not_a_run").mkdir()  # no log.csv: skipped, not an error
+    for parent in "ab":  # found below runs/, told apart by their parent folder
+        write_run(tmp_path / "runs" / "sweep" / parent / "kd", [1.0, 2.0], "mobilenet_v3_small")
     (tmp_path / "plots").mkdir()
     result = plot(cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert set(table_rows(result.stdout)) == {"teacher_r50", "kd_mnv3", "student_partial"}
+    assert set(table_rows(result.stdout)) == {"teacher_r50", "kd_mnv3", "student_partial",
+                                              "sweep/a/kd", "sweep/b/kd"}
     for name in PNGS:
         assert (tmp_path / "plots" / name).read_bytes().startswith(PNG_MAGIC)
 
@@ -108,10 +131,10 @@ def assert_user_error(result: subprocess.CompletedProcess, mentions: str) -> Non
     assert mentions in result.stderr
 
 
-def test_folder_without_log_csv(runs: list[Path], tmp_path: Path):
+def test_folder_without_log_csv(runs: list[Path], tmp_path: Path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    assert_user_error(plot(runs[0], empty, "--out", tmp_path / "figs"), "empty_run")
+    assert_user_error(plot_here(capsys, runs[0], empty, "--out", tmp_path / "figs"), "empty_run")
 
 
 def test_no_runs_found(tmp_path: Path):
@@ -121,8 +144,8 @@ def test_no_runs_found(tmp_path: Path):
 @pytest.mark.parametrize("content", ["", "epoch,lr\n", ",".join(BASE_COLUMNS) + "\n",
                                      ",".join(BASE_COLUMNS) + "\n1,0.1,x,1,1,1,1,1,1\n"],
                          ids=["empty file", "missing columns", "no rows", "non-numeric"])
-def test_bad_log_csv(tmp_path: Path, content: str):
+def test_bad_log_csv(tmp_path: Path, content: str, capsys):
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "log.csv").write_text(content)
-    assert_user_error(plot(folder, "--out", tmp_path / "figs"), "log.csv")
+    assert_user_error(plot_here(capsys, folder, "--out", tmp_path / "figs"), "log.csv")

@@ -1,0 +1,329 @@
+"""The results report of plots/plot_runs.py on hand-written run folders in the current format:
+seed groups, reliability bins, dark knowledge, model cost, and the errors it reports."""
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from kd.metrics import expected_calibration_error
+from plots import cost
+from plots.calibration import reliability_bins
+from plots.dark_knowledge import superclass_mass
+from plots.groups import group_label
+from plots.plot_runs import main
+from plots.rundata import find_run_folders, run_labels
+
+N_TEST, CLASSES = 300, 100
+CLASS_TO_COARSE = torch.randperm(CLASSES, generator=torch.Generator().manual_seed(0)) // 5
+ENVIRONMENT = {"torch": "2.14", "torchvision": "0.29", "device_name": "cpu"}
+
+
+def metric_rows(top1: list[float], kd: bool, val_top1: list[float] | None) -> list[dict]:
+    """log.csv rows whose other metrics follow from test top-1, so expected values are easy."""
+    rows = []
+    for i, acc in enumerate(top1):
+        row = {"epoch": i + 1, "lr": 0.1 / (i + 1), "train_loss": 4.0 - i, "train_top1": acc + 5}
+        if kd:
+            row.update(train_ce=3.0 - i, train_kd=1.0)
+        row.update(test_loss=5 - acc / 20, test_top1=acc, test_top5=acc + 20,
+                   test_ece=10 - acc / 10, test_super_top1=acc + 10, test_err_in_super=30.0)
+        if kd:
+            row.update(test_agree=acc + 20, test_kl_t_s=1.0)
+        if val_top1:
+            row.update(val_loss=1.0, val_top1=val_top1[i])
+        rows.append({**row, "epoch_time_s": 30.0, "train_img_per_s": 1000.0})
+    return rows
+
+
+def fake_logits(seed: int, structured: bool, kd: bool) -> dict:
+    """logits_best.pt content; structured logits favour the true class and its superclass."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N_TEST) % CLASSES
+    logits = torch.randn(N_TEST, CLASSES, generator=g) * 2
+    if structured:
+        same = CLASS_TO_COARSE[None, :] == CLASS_TO_COARSE[labels][:, None]
+        logits += 3 * same + 4 * nn.functional.one_hot(labels, CLASSES)
+    test = {"logits": logits.half(), "labels": labels, "coarse_labels": CLASS_TO_COARSE[labels]}
+    if kd:
+        test["teacher_logits"] = torch.randn(N_TEST, CLASSES, generator=g).half()
+    return {"epoch": 2, "test": test}
+
+
+def write_run(folder: Path, config: dict, top1: list[float], val_top1: list[float] | None = None,
+              logits_seed: int | None = 0) -> Path:
+    """A finished run folder as kd/train.py writes it; logits_best.pt unless logits_seed is None."""
+    folder.mkdir(parents=True)
+    kd = "teacher_ckpt" in config
+    rows = metric_rows(top1, kd, val_top1)
+    (folder / "log.csv").write_text(
+        "\n".join([",".join(rows[0])] + [",".join(map(str, r.values())) for r in rows]) + "\n")
+    config = {**config, **ENVIRONMENT, "out_dir": str(folder), "epochs": len(top1),
+              "command": f"script.py --out_dir {folder}", "git_commit": folder.name}
+    (folder / "config.json").write_text(json.dumps(config))
+    select = "val_top1" if val_top1 else "test_top1"
+    pick = lambda r: {k: v for k, v in r.items() if k == "epoch" or k[:4] in ("val_", "test")}
+    best = pick(max(rows, key=lambda r: r[select]))  # max keeps the first of equal values
+    (folder / "summary.json").write_text(json.dumps({
+        "selected_by": select, "best_epoch": best["epoch"], "best_test_top1": best["test_top1"],
+        "best_test_top5": best["test_top5"], "last_test_top1": top1[-1],
+        "last_test_top5": top1[-1] + 20, "epochs": len(top1), "total_time_s": 90.0,
+        "best": best, "last": pick(rows[-1])}))
+    if logits_seed is not None:
+        blob = fake_logits(logits_seed, config["arch"] == "resnet50", kd)
+        torch.save(blob, folder / "logits_best.pt")
+        torch.save(blob, folder / "logits_last.pt")
+    return folder
+
+
+TEACHER = {"arch": "resnet50", "img_size": 32, "seed": 0, "lr": 0.05}
+STUDENT = {"arch": "mobilenet_v3_small", "stem": "cifar", "seed": 0, "lr": 0.1}
+KD = {**STUDENT, "alpha": 0.5, "T": 3.0, "teacher_ckpt": "exp/teacher/best.pt",
+      "teacher_sha256": "ab12"}
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    """A teacher, a baseline picked on val, and a KD experiment with seeds 0 and 1 (which also
+    differ in how they ran: the teacher's path, --overwrite, the environment)."""
+    root = tmp_path / "exp"
+    write_run(root / "teacher", TEACHER, [50.0, 60.0, 58.0])
+    write_run(root / "baseline", STUDENT, [10.0, 30.0, 25.0], val_top1=[12.0, 20.0, 28.0],
+              logits_seed=None)
+    write_run(root / "kd" / "seed0", KD, [20.0, 41.0, 40.0], logits_seed=1)
+    write_run(root / "kd" / "seed1", {**KD, "seed": 1, "teacher_ckpt": "copy/best.pt",
+                                       "overwrite": True}, [22.0, 43.0, 44.0], logits_seed=2)
+    return root
+
+
+def report(*argv: str | Path) -> str:
+    main([*map(str, argv)])
+    return Path(argv[argv.index("--out") + 1], "results.md").read_text()
+
+
+def first_table(text: str) -> dict[str, dict[str, str]]:
+    """The first markdown table in text, rows keyed by their first cell."""
+    lines = text[text.index("\n|"):].strip().split("\n\n")[0].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: dict(zip(rows[0], row)) for row in rows[2:]}
+
+
+def test_results_table_groups_seeds(experiment: Path, tmp_path: Path, capsys):
+    text = report(experiment, "--out", tmp_path / "out", "--no-cost")
+    assert capsys.readouterr().out == text
+    rows = first_table(text)
+    assert list(rows) == ["teacher", "baseline", "kd/seed{0,1}"]
+    kd = rows["kd/seed{0,1}"]
+    assert (kd["role"], kd["n"], kd["seeds"], kd["best epoch"]) == ("KD student", "2", "0,1", "2,3")
+    assert kd["best top-1"] == "42.50 ± 2.12"  # 41 and 44, sample std
+    assert kd["last top-1"] == "42.00 ± 2.83"  # 40 and 44
+    assert kd["last top-5"] == "62.00 ± 2.83"
+    assert kd["last NLL"] == "2.900 ± 0.141"  # 5 - top1 / 20
+    assert kd["last ECE %"] == "5.80 ± 0.28"  # 10 - top1 / 10
+    assert kd["last super top-1"] == "52.00 ± 2.83"
+    assert kd["last agree"] == "62.00 ± 2.83"
+    assert kd["best by"] == "test"
+    baseline = rows["baseline"]  # picked on val: epoch 3, although test top-1 peaks at epoch 2
+    assert (baseline["best by"], baseline["best epoch"], baseline["best top-1"]) == \
+        ("val", "3", "25.00")
+    assert (baseline["n"], baseline["last agree"], baseline["status"]) == ("1", "–", "done")
+    assert rows["teacher"]["best top-1"] == "60.00" and rows["teacher"]["last top-1"] == "58.00"
+    assert "params (M)" not in text and "## Model cost" not in text
+    assert "No logits_best.pt (left out of the reliability diagrams and dark knowledge): " \
+           "baseline." in text
+
+
+def test_figures_are_valid_pngs(experiment: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    text = report(experiment, "--out", out, "--no-cost")
+    names = ["test_top1.png", "train_loss.png", "lr.png", "comparison.png", "reliability.png",
+             "dark_knowledge.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
+    for name in names:
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 0.05, name
+        assert f"![{name}]({name})" in text
+
+
+def reference_mass(logits: np.ndarray, labels: np.ndarray, T: float) -> list[float]:
+    """true, same, other, same per class, other per class: image by image, class by class."""
+    z = logits.astype(np.float64) / T
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    coarse = CLASS_TO_COARSE.numpy()
+    sums = np.zeros(5)
+    for i, y in enumerate(labels):
+        same = [j for j in range(CLASSES) if coarse[j] == coarse[y] and j != y]
+        other = [j for j in range(CLASSES) if coarse[j] != coarse[y]]
+        assert (len(same), len(other)) == (4, 95)
+        s, o = p[i, same].sum(), p[i, other].sum()
+        sums += [p[i, y], s, o, s / 4, o / 95]
+    return list(sums / len(labels))
+
+
+def test_dark_knowledge_against_reference(experiment: Path, tmp_path: Path):
+    text = report(experiment, "--out", tmp_path / "out", "--no-cost")
+    blob = torch.load(experiment / "teacher" / "logits_best.pt", weights_only=True)["test"]
+    logits, labels = blob["logits"].float(), blob["labels"]
+    section = text[text.index("## Dark knowledge"):]
+    for T in (1.0, 3.0):  # 3: the T of the KD runs
+        ref = reference_mass(logits.numpy(), labels.numpy(), T)
+        got = superclass_mass(logits, labels, CLASS_TO_COARSE, T)
+        keys = ["true", "same", "other", "same_per_class", "other_per_class"]
+        assert [got[k] for k in keys] == pytest.approx(ref, rel=1e-5)
+        assert got["ratio"] == pytest.approx(ref[3] / ref[4], rel=1e-5)
+        assert ref[3] > 2 * ref[4]  # the fake teacher does favour the true superclass
+        cells = ["teacher", f"{T:g}", *(f"{100 * r:.3g}" for r in ref), f"{ref[3] / ref[4]:.1f}"]
+        assert "| " + " | ".join(cells) + " |" in section
+
+
+def test_dark_knowledge_default_temperature(tmp_path: Path):
+    write_run(tmp_path / "runs" / "teacher", TEACHER, [50.0])
+    text = report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost")
+    section = text[text.index("## Dark knowledge"):]
+    assert "| teacher | 1 |" in section and "| teacher | 4 |" in section  # no KD run: T = 4
+
+
+def test_reliability_bins_by_hand():
+    probs = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.38, 0.62], [0.55, 0.45]])
+    labels = torch.tensor([1, 0, 1, 0])
+    bins = reliability_bins(probs.log(), labels)
+    filled = {i: (bins["count"][i].item(), bins["accuracy"][i].item(),
+                  bins["confidence"][i].item()) for i in range(15) if bins["count"][i] > 0}
+    assert filled == {13: pytest.approx((2, 0.5, 0.9)), 9: pytest.approx((1, 1.0, 0.62)),
+                      8: pytest.approx((1, 1.0, 0.55))}  # 0.9 in (13/15, 14/15], ...
+    assert bins["ece"] == pytest.approx((2 * 0.4 + 0.38 + 0.45) / 4)
+    assert bins["accuracy"][0].isnan()
+
+
+def test_reliability_ece_matches_training_metric():
+    logits, labels = torch.randn(500, 100) * 3, torch.randint(0, 100, (500,))
+    bins = reliability_bins(logits, labels)
+    assert bins["count"].sum() == 500
+    assert bins["ece"] == pytest.approx(expected_calibration_error(logits, labels).item(),
+                                        abs=1e-6)
+
+
+def test_labels_tell_same_named_runs_apart(tmp_path: Path):
+    write_run(tmp_path / "sweep" / "a" / "kd", KD, [10.0])
+    write_run(tmp_path / "sweep" / "b" / "kd", {**KD, "lr": 0.2}, [11.0])
+    folders = find_run_folders([tmp_path / "sweep"])
+    assert run_labels(folders) == ["a/kd", "b/kd"]
+    assert run_labels([tmp_path / "sweep" / "a" / "kd"]) == ["kd"]
+    twice = [tmp_path / "sweep", tmp_path / "sweep" / "b" / ".." / "a" / "kd"]
+    assert run_labels(find_run_folders(twice)) == ["a/kd", "b/kd"]  # named twice, listed once
+    assert group_label(["kd_s1", "kd_s10"]) == "kd_s1{,0}"
+
+
+@pytest.mark.parametrize("change, finished", [({"lr": 0.2}, True), ({"T": 4.0}, True),
+                                              ({"teacher_sha256": "cd34"}, True), ({}, False)],
+                         ids=["lr", "T", "teacher", "unfinished"])
+def test_runs_that_differ_in_more_than_seed_are_not_grouped(tmp_path: Path, change: dict,
+                                                            finished: bool):
+    write_run(tmp_path / "runs" / "kd0", KD, [10.0])
+    kd1 = write_run(tmp_path / "runs" / "kd1", {**KD, "seed": 1, **change}, [11.0])
+    if not finished:
+        (kd1 / "summary.json").unlink()
+    rows = first_table(report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost"))
+    assert set(rows) == {"kd0", "kd1"} and rows["kd1"]["n"] == "1"
+
+
+def test_cost_of_student(tmp_path: Path):
+    config = {"arch": "mobilenet_v3_small", "stem": "cifar"}
+    result = cost.measure(config, repeats=2)
+    from kd.models import build_model
+    model, macs = build_model(config).eval(), []
+
+    def count(module, inputs, output):  # reference: MACs of every conv and linear layer
+        if isinstance(module, nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs.append(output.numel() * k)
+        elif isinstance(module, nn.Linear):
+            macs.append(module.in_features * module.out_features)
+    for m in model.modules():
+        m.register_forward_hook(count)
+    model(torch.zeros(1, 3, 32, 32))
+    assert result["macs"] == sum(macs)
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert 0 < result["latency_ms"] < 1000
+
+
+def test_cost_is_cached(tmp_path: Path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cost, "measure", lambda config, repeats: calls.append(repeats) or
+                        {"params": 2_000_000, "macs": 30_000_000, "latency_ms": 1.5})
+    configs = [KD, STUDENT, TEACHER]  # the two students are one model
+    first = cost.model_costs(configs, tmp_path / "cache.json", repeats=5)
+    assert list(first) == ["mobilenet_v3_small/cifar-stem@32px", "resnet50@32px"]
+    assert calls == [5, 5]
+    assert cost.model_costs(configs, tmp_path / "cache.json", repeats=5) == first
+    assert calls == [5, 5]  # nothing measured again
+    cost.model_costs([STUDENT], tmp_path / "cache.json", repeats=7)
+    assert calls == [5, 5, 7]  # another number of timed passes is measured again
+
+
+def test_report_with_cost(tmp_path: Path, monkeypatch):
+    write_run(tmp_path / "runs" / "student", STUDENT, [10.0, 12.0], logits_seed=None)
+    write_run(tmp_path / "runs" / "old", {"arch": "mobilenet_v3_small"}, [5.0], logits_seed=None)
+    out = tmp_path / "out"
+    text = report(tmp_path / "runs", "--out", out, "--latency_runs", "2")
+    rows = first_table(text)
+    assert (rows["student"]["params (M)"], rows["student"]["MACs (M)"]) == ("1.62", "17.6")
+    assert rows["old"]["params (M)"] == "–"  # no stem recorded: the model is unknown
+    assert "## Model cost" in text and cost.cpu_name() in text
+    assert "| mobilenet_v3_small/cifar-stem@32px | 1.62 | 17.6 |" in text
+    assert "mobilenet_v3_small/cifar-stem@32px" in json.loads((out / "cost_cache.json").read_text())
+
+
+def run_error(argv: list, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, argv)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err
+
+
+def test_unreadable_logits(experiment: Path, tmp_path: Path, capsys):
+    (experiment / "kd" / "seed1" / "logits_best.pt").write_bytes(b"not a torch file")
+    err = run_error([experiment, "--out", tmp_path / "out", "--no-cost"], capsys)
+    assert "seed1/logits_best.pt" in err
+
+
+def test_logits_of_wrong_shape(experiment: Path, tmp_path: Path, capsys):
+    blob = fake_logits(0, False, False)
+    blob["test"]["labels"] = blob["test"]["labels"][:10]
+    torch.save(blob, experiment / "baseline" / "logits_best.pt")
+    err = run_error([experiment, "--out", tmp_path / "out", "--no-cost"], capsys)
+    assert "baseline/logits_best.pt" in err and "[N, classes]" in err
+
+
+def test_teacher_logits_missing_classes(tmp_path: Path, capsys):
+    folder = write_run(tmp_path / "teacher", TEACHER, [50.0])
+    blob = fake_logits(0, True, False)
+    blob["test"] = {k: v[:50] for k, v in blob["test"].items()}  # classes 50-99 never appear
+    torch.save(blob, folder / "logits_best.pt")
+    assert "superclasses are unknown" in run_error([folder, "--out", tmp_path / "o", "--no-cost"],
+                                                  capsys)
+
+
+def test_best_epoch_missing_from_log(tmp_path: Path, capsys):
+    folder = write_run(tmp_path / "run", STUDENT, [10.0, 20.0], logits_seed=None)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["best"], summary["last"]
+    (folder / "summary.json").write_text(json.dumps({**summary, "best_epoch": 7}))
+    err = run_error([folder, "--out", tmp_path / "out", "--no-cost"], capsys)
+    assert "best epoch 7" in err
+
+
+@pytest.mark.parametrize("argv, mentions", [
+    (["missing_folder"], "missing_folder is not a folder"),
+    (["--latency_runs", "0"], "--latency_runs"),
+])
+def test_bad_arguments(tmp_path: Path, capsys, monkeypatch, argv: list, mentions: str):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "runs" / "student", STUDENT, [10.0], logits_seed=None)
+    assert mentions in run_error(argv + ["--out", tmp_path / "out"], capsys)
