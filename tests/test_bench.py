@@ -17,7 +17,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_quick_cpu_run_reports_every_stage(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench("--quick", "--device", "cpu", "--json", str(out))
+    result = bench("--quick", "--device", "cpu", "--images", "512", "--batch_size", "64", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] and report["torch"] and report["flags"]["quick"]

@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import distill_student
+import kd.cli
 from conftest import REPO
 
 COMMON = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
@@ -137,11 +141,16 @@ def test_existing_run_is_never_overwritten(runs, fake_data):
     (["--teacher_ckpt", "missing.pt"], "does not exist"),
     (["--resume"], "no last.pt"),
 ])
-def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase):
+def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, monkeypatch, capsys):
+    """In-process (the subprocess tests above cover the real entry point), to keep the suite fast."""
     teacher = ["--teacher_ckpt", str(runs / "teacher" / "best.pt")]
-    result = run("distill_student.py", "--out_dir", str(tmp_path / "new"), "--data_dir", fake_data,
-                 *COMMON, *teacher, *args, check=False)
-    assert_one_line_error(result, phrase)
+    monkeypatch.setattr(sys, "argv", ["distill_student.py", "--out_dir", str(tmp_path / "new"),
+                                      "--data_dir", fake_data, *COMMON, *teacher, *args])
+    monkeypatch.setattr(kd.cli, "install_handlers", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        kd.cli.run_script(distill_student.main)
+    stderr = capsys.readouterr().err
+    assert_one_line_error(SimpleNamespace(returncode=exit_info.value.code, stderr=stderr), phrase)
 
 
 def test_student_checkpoint_is_refused_as_teacher(runs, fake_data, tmp_path):
