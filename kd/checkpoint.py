@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from typing import Callable
 
@@ -21,11 +20,17 @@ def atomic_write(path: str, write: Callable) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder_fd = os.open(folder, os.O_RDONLY)  # make the rename itself survive a power loss
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -38,17 +43,18 @@ def atomic_write(path: str, write: Callable) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str, obj: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def save_checkpoint(path: str, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
-
-
-def copy_file(src: str, dst: str) -> None:
-    with open(src, "rb") as f:
-        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 def file_sha256(path: str) -> str:
@@ -73,17 +79,3 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this repo (no model/config entries)")
     return ckpt
-
-
-def rng_state() -> dict:
-    """Global torch RNG states (they drive dropout); the data order has its own seeded generator."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

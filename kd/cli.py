@@ -1,4 +1,5 @@
 """Script entry point: bad input and stop signals become one line on stderr and an exit code."""
+import signal
 import sys
 from typing import Callable
 
@@ -22,4 +23,4 @@ def run_script(main: Callable[[], object]) -> None:
         sys.exit(2)
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + received_signal())
+        sys.exit(128 + (received_signal() or signal.SIGTERM))  # a rank told by the others

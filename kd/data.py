@@ -134,9 +134,8 @@ def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
 
 
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank's contiguous [start, end) of `total` rows: ceil(total / world_size) rows per rank."""
-    per_rank = -(-total // world_size)
-    return min(total, rank * per_rank), min(total, (rank + 1) * per_rank)
+    """Rank's contiguous [start, end) of `total` rows; shard sizes differ by at most one."""
+    return rank * total // world_size, (rank + 1) * total // world_size
 
 
 def augment_indices(n: int, generator: torch.Generator, device: torch.device
@@ -165,7 +164,7 @@ class DeviceLoader:
     With world_size > 1 (DistributedDataParallel) batch_size is the global batch: every rank
     draws the same permutation and augmentation and takes its own slice of each global batch, so
     the data seen per step is the same for any number of processes. In eval mode each rank takes
-    a contiguous shard (kd.distributed.shard_range) and the split stays whole for the metrics.
+    a contiguous shard (shard_range) and the split stays whole for the metrics.
     """
 
     def __init__(self, split: Split, batch_size: int, train: bool, device: torch.device | str,

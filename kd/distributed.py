@@ -3,6 +3,7 @@
 Single-process runs see world_size 1 and every helper here becomes a no-op.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,11 @@ def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
     """Concatenate each rank's contiguous shard (kd.data.shard_range) of a split's rows."""
     if world.size == 1:
         return shard
-    per_rank = -(-total // world.size)
-    padded = torch.zeros((per_rank, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
-    padded[:len(shard)] = shard
+    sizes = [(r + 1) * total // world.size - r * total // world.size for r in range(world.size)]
+    padded = torch.zeros((max(sizes), *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+    padded[:len(shard)] = shard  # all_gather needs equal sizes
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
-    sizes = [max(0, min(per_rank, total - r * per_rank)) for r in range(world.size)]
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
@@ -118,6 +118,26 @@ def check_in_sync(model: torch.nn.Module, world: World) -> None:
     dist.all_gather(parts, checksum)
     if any(not torch.equal(p, checksum) for p in parts):
         raise RuntimeError(f"rank weights differ across processes: {[p.item() for p in parts]}")
+
+
+def max_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The largest of the ranks' values (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+@contextmanager
+def local_main_first(world: World, device: torch.device):
+    """Run the block on each machine's local rank 0 first, then on the other ranks (downloads)."""
+    barrier = lambda: dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+    if world.size > 1 and world.local_rank != 0:
+        barrier()
+    yield
+    if world.size > 1 and world.local_rank == 0:
+        barrier()
 
 
 def average_across_ranks(values: torch.Tensor) -> torch.Tensor:

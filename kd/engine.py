@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kd.distributed import average_across_ranks
+from kd.distributed import average_across_ranks, max_across_ranks
 from kd.errors import UserError
 from kd.losses import kd_loss_terms
+from kd.models import NUM_CLASSES
 
 
 class Objective:
@@ -129,7 +130,7 @@ def train_epoch(objective: Objective, loader, optimizer, scheduler, scaler, auto
 
 
 def _check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
-    bad = int(first_bad_step.item())
+    bad = int(max_across_ranks(first_bad_step).item())  # all ranks stop together
     if bad >= 0:
         raise NonFiniteLoss(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}")
 
@@ -146,7 +147,7 @@ def predict(model: nn.Module, loader, autocast) -> torch.Tensor:
     for images, labels, _ in loader:
         with autocast():
             chunks.append(model(pad_batch(images, loader.batch_size))[:len(labels)].float())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.zeros(0, NUM_CLASSES, device=loader.device)
 
 
 def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:

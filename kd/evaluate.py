@@ -3,8 +3,8 @@
     python -m kd.evaluate runs/student_kd/best.pt [--data_dir ./data] [--json metrics.json]
 """
 import argparse
-import contextlib
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -16,21 +16,23 @@ from kd.errors import UserError
 from kd.flags import Parser
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import build_model
-from kd.train import resolve_device
+from kd.train import make_autocast, resolve_device
 
 
 def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, batch_size: int = 1000,
                         download: bool = True) -> dict:
-    """Test-set metrics (top-1, top-5, NLL as 'loss', ECE, superclass accuracy) of a checkpoint."""
+    """Test-set metrics (top-1, top-5, NLL as 'loss', ECE, superclass accuracy) of a checkpoint,
+    under the autocast setting it was trained with, so they match the run's log."""
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["config"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"{path} does not fit its recorded architecture: {str(e).splitlines()[0]}")
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)
     test = load_split(data_dir, train=False, download=download)
-    logits = predict(model, DeviceLoader(test, batch_size, False, device), contextlib.nullcontext)
+    autocast = make_autocast(SimpleNamespace(**ckpt["config"]), device)  # as the run evaluated
+    logits = predict(model, DeviceLoader(test, batch_size, False, device), autocast)
     mapping = fine_to_coarse(test.labels, test.coarse_labels).to(device)
     metrics = split_metrics(logits, test.labels.to(device), test.coarse_labels.to(device), mapping)
     return {"checkpoint": path, "arch": ckpt["config"]["arch"], "epoch": ckpt.get("epoch"),

@@ -74,7 +74,8 @@ def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world
 
 
 def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
-    """The saved run's config with this invocation's --epochs, once nothing that matters changed.
+    """The saved run's config updated with where and how it runs now (epochs, device, processes,
+    command, versions), once nothing that changes what it computes differs.
 
     Refuses any difference in a flag that changes what the run computes (lr, batch size, seed,
     model, alpha, T, the teacher's weights...), and fewer epochs than already done.
@@ -88,7 +89,8 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     if config["epochs"] < epochs_done:
         raise UserError(f"--resume --epochs {config['epochs']}: the run already finished "
                         f"{epochs_done} epochs")
-    return {**saved, "epochs": config["epochs"]}
+    now = {k: v for k, v in config.items() if k in ENVIRONMENT_KEYS | RESUMABLE_CHANGES}
+    return {**saved, **now}
 
 
 def rerun_command(flag: str) -> str:

@@ -7,10 +7,10 @@ import time
 import torch
 import torch.nn as nn
 
-from kd.checkpoint import copy_file, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_json
+from kd.checkpoint import load_checkpoint, save_checkpoint, write_json
 from kd.data import DeviceLoader, hold_out, load_split
 from kd.distributed import (World, agreed_stop, broadcast_buffers, check_in_sync, gather_rows,
-                            init_world, resolve_device, wrap_ddp)
+                            init_world, local_main_first, resolve_device, wrap_ddp)
 from kd.engine import (NonFiniteLoss, Objective, StopRequested, make_optimizer, make_scheduler,
                        predict, train_epoch)
 from kd.errors import UserError
@@ -47,10 +47,21 @@ def make_autocast(args: argparse.Namespace, device: torch.device):
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed the global RNGs (dropout) from seed, epoch and rank alone.
+
+    Every epoch's randomness is then a function of where the run is, not of its history, so a
+    resumed run, on any number of processes, needs no saved RNG state to continue exactly, and
+    the ranks of a DDP run draw different dropout masks.
+    """
+    torch.manual_seed(seed * 1_000_003 + epoch * 65_537 + rank)
+
+
 def load_eval_splits(args: argparse.Namespace, device: torch.device, world: World):
     """Train loader plus the evaluation splits: {'val': ..., 'test': ...} (val only with --val_size)."""
-    train = load_split(args.data_dir, train=True, download=args.download)
-    splits = {"test": load_split(args.data_dir, train=False, download=args.download)}
+    with local_main_first(world, device):  # one process per machine downloads
+        train = load_split(args.data_dir, train=True, download=args.download)
+        splits = {"test": load_split(args.data_dir, train=False, download=args.download)}
     if args.val_size:
         train, splits["val"] = hold_out(train, args.val_size, args.seed)
     if args.batch_size > len(train):
@@ -115,14 +126,14 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
     if args.resume:
         ckpt = load_checkpoint(out("last.pt"))
         config = resumed_config(ckpt["config"], config, ckpt["epoch"])
-        for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
-                          ("scaler", scaler)):
+        for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
             obj.load_state_dict(ckpt[name])
-        set_rng_state(ckpt["rng"])
+        if ckpt["scaler"]:  # empty when the run was saved without fp16 scaling
+            scaler.load_state_dict(ckpt["scaler"])
         state = {k: ckpt[k] for k in state}
         if state["epoch"] >= args.epochs:
             print(f"{args.out_dir}: the run is already complete at epoch {state['epoch']}")
-            return state
+            return write_summary(out("summary.json"), state, select) if world.is_main else state
     main = world.is_main
     if main:
         reset_out_dir(args)
@@ -146,6 +157,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
     eval_model = torch.compile(model) if args.compile else model
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
+        seed_epoch(args.seed, epoch, world.rank)
         started = time.perf_counter()
         try:
             row = {"epoch": epoch, **train_epoch(objective, train_loader, optimizer, scheduler,
@@ -168,14 +180,13 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         if not main:
             continue
         logger.log(row)
-        save_logits(out("logits_last.pt"), logits, eval_loaders, epoch, teacher_logits)
-        save_checkpoint(out("last.pt"), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "config": config, "rng": rng_state(), **state})
-        if is_best:
-            copy_file(out("last.pt"), out("best.pt"))
-            copy_file(out("logits_last.pt"), out("logits_best.pt"))
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "config": config, **state}
+        # best before last: a crash in between redoes this epoch on resume and rewrites both
+        for suffix in ("best", "last") if is_best else ("last",):
+            save_logits(out(f"logits_{suffix}.pt"), logits, eval_loaders, epoch, teacher_logits)
+            save_checkpoint(out(f"{suffix}.pt"), ckpt)
         val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
               f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)

@@ -20,7 +20,8 @@ def torchrun(script, *args, nproc=2, check=True):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if "rror" in line or "rank" in line]
+        assert result.returncode == 0, "\n".join(errors[-40:]) + result.stderr[-1500:]
     return result
 
 
@@ -66,7 +67,7 @@ def test_resume_with_another_process_count(ddp_runs, fake_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert json.load(open(folder / "config.json"))["world_size"] == 2  # the run's original setting
+    assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
 def test_global_batch_must_divide_over_processes(fake_data, tmp_path):

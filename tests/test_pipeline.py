@@ -63,8 +63,8 @@ def test_run_folder_is_complete(runs, name, extra):
                                                       abs=1e-3)
     for ckpt_name in ("last.pt", "best.pt"):
         ckpt = torch.load(folder / ckpt_name, map_location="cpu", weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "config",
-                "rng"} <= set(ckpt)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "last",
+                "config"} <= set(ckpt)
     assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 2
     logits = torch.load(folder / "logits_last.pt", weights_only=True)
     assert logits["epoch"] == 2 and logits["test"]["logits"].shape == (100, 100)
