@@ -13,4 +13,4 @@ python train_student.py --out_dir "$OUT/student_baseline" --lr 0.1 "${COMMON[@]}
 python distill_student.py --out_dir "$OUT/student_kd" --teacher_ckpt "$OUT/teacher/best.pt" \
     --lr 0.1 --alpha 0.5 --T 4 "${COMMON[@]}"
 python plots/plot_runs.py "$OUT/teacher" "$OUT/student_baseline" "$OUT/student_kd" --out "$OUT/plots"
-echo "demo done (generated data, not CIFAR-100): plots in $OUT/plots"
+echo "demo done (generated data, not CIFAR-100): report in $OUT/plots/results.md"
