@@ -16,6 +16,7 @@ def run_script(main: Callable[[], object]) -> None:
     try:
         main()
         if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; leave together, not mid-teardown
             dist.destroy_process_group()
     except UserError as e:
         if World.from_env().is_main:  # under torchrun every rank fails alike; one says why

@@ -20,7 +20,8 @@ def torchrun(script, *args, nproc=2, check=True):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
-        errors = [line for line in result.stderr.splitlines() if "rror" in line or "rank" in line]
+        errors = [line for line in result.stderr.splitlines()
+                  if any(w in line for w in ("rror", "rank", "terminate", "what()", "bort"))]
         assert result.returncode == 0, "\n".join(errors[-40:]) + result.stderr[-1500:]
     return result
 
