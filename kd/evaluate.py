@@ -16,7 +16,8 @@ from kd.errors import UserError
 from kd.flags import Parser
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import build_model
-from kd.train import make_autocast, resolve_device
+from kd.distributed import resolve_device
+from kd.train import make_autocast
 
 
 def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, batch_size: int = 1000,

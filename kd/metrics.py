@@ -23,7 +23,6 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
     correct = (predicted == labels).float()
     bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
-    count = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, torch.ones_like(confidence))
     conf_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, confidence)
     correct_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, correct)
     return (conf_sum - correct_sum).abs().sum() / len(labels)

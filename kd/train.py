@@ -10,7 +10,7 @@ import torch.nn as nn
 from kd.checkpoint import load_checkpoint, save_checkpoint, write_json
 from kd.data import DeviceLoader, hold_out, load_split
 from kd.distributed import (World, agreed_stop, broadcast_buffers, check_in_sync, gather_rows,
-                            init_world, local_main_first, resolve_device, wrap_ddp)
+                            init_world, local_main_first, wrap_ddp)
 from kd.engine import (NonFiniteLoss, Objective, StopRequested, make_optimizer, make_scheduler,
                        predict, train_epoch)
 from kd.errors import UserError

@@ -10,6 +10,16 @@ sys.path.insert(0, str(REPO))
 from kd.synthetic import write_fake_cifar100  # noqa: E402
 
 
+class RunsCode:
+    """A pickle payload: unpickling it runs `touch marker` (for the refusal tests)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory) -> str:
     """A small dataset in the real CIFAR-100 file format (300 train, 100 test images)."""

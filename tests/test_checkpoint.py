@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from conftest import RunsCode
 from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from kd.errors import UserError
 from kd.logger import CSVLogger
@@ -37,16 +38,6 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write(path, crash)
     assert load_checkpoint(path)["config"] == {"v": 1}
     assert os.listdir(tmp_path) == ["c.pt"]
-
-
-class RunsCode:
-    """Unpickling this runs `touch marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):

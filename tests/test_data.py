@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+from conftest import RunsCode
 from kd.data import PAD, DeviceLoader, Split, load_cifar100, load_split
 from kd.errors import UserError
 
@@ -33,16 +34,6 @@ def test_corrupted_file_is_a_user_error(fake_data, tmp_path):
     (folder / "train").write_bytes(b"\x80\x02}q\x00(X\x04")  # truncated pickle
     with pytest.raises(UserError, match="cannot read"):
         load_cifar100(str(tmp_path), train=True)
-
-
-class RunsCode:
-    """Unpickling this runs `touch marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pickle_that_runs_code_is_refused(fake_data, tmp_path):

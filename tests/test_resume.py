@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, RunsCode
 from kd.checkpoint import load_checkpoint, save_checkpoint
 from kd.errors import UserError
 
@@ -129,3 +129,14 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {}, "config": {"epoch": 2}})
     assert load_checkpoint(path)["config"] == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_malicious_last_pt_is_refused_on_resume(fake_data, tmp_path):
+    folder, marker = tmp_path / "run", tmp_path / "pwned"
+    folder.mkdir()
+    torch.save({"model": RunsCode(marker), "config": {}}, folder / "last.pt")
+    result = subprocess.run(student_cmd(folder, fake_data, "--resume"), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not a loadable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
