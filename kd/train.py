@@ -93,7 +93,14 @@ def evaluate_all(model, loaders: dict, autocast, class_to_coarse, teacher_logits
     return row, logits
 
 
-def save_logits(path: str, logits: dict, loaders: dict, epoch: int, teacher_logits: dict) -> None:
+def log_columns(eval_loaders: dict, distilling: bool) -> list[str]:
+    columns = ["epoch", "lr", "train_loss", "train_top1"] + ["train_ce", "train_kd"] * distilling
+    for name in eval_loaders:
+        columns += [f"{name}_{m}" for m in METRICS + KD_METRICS * distilling]
+    return columns + ["epoch_time_s", "train_img_per_s"]
+
+
+def logits_record(logits: dict, loaders: dict, epoch: int, teacher_logits: dict) -> dict:
     """Evaluation logits (fp16, CPU) with labels, so any metric can be recomputed without a GPU."""
     blob = {"epoch": epoch}
     for name, loader in loaders.items():
@@ -101,7 +108,7 @@ def save_logits(path: str, logits: dict, loaders: dict, epoch: int, teacher_logi
                       "coarse_labels": loader.split.coarse_labels.cpu()}
         if name in teacher_logits:
             blob[name]["teacher_logits"] = teacher_logits[name].half().cpu()
-    save_checkpoint(path, blob)
+    return blob
 
 
 def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: dict,
@@ -145,12 +152,10 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         teacher.to(device, memory_format=memory_format)
         teacher_logits = predict_all(teacher, eval_loaders, autocast, world)
         top1 = (teacher_logits["test"].argmax(1) == eval_loaders["test"].split.labels).float().mean()
-        print(f"teacher test_top1 {100 * top1.item():.2f}") if main else None
-    columns = ["epoch", "lr", "train_loss", "train_top1"] + ["train_ce", "train_kd"] * distilling
-    for name in eval_loaders:
-        columns += [f"{name}_{m}" for m in METRICS + KD_METRICS * distilling]
-    logger = CSVLogger(out("log.csv"), columns + ["epoch_time_s", "train_img_per_s"],
-                       keep_epochs=state["epoch"]) if main else None
+        if main:
+            print(f"teacher test_top1 {100 * top1.item():.2f}")
+    columns = log_columns(eval_loaders, distilling)
+    logger = CSVLogger(out("log.csv"), columns, keep_epochs=state["epoch"]) if main else None
     should_stop = agreed_stop(stop_requested, world, device)
     objective = Objective(trained, teacher, getattr(args, "alpha", 1.0), getattr(args, "T", 1.0),
                           compile=args.compile)
@@ -183,9 +188,10 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, arch: 
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "config": config, **state}
+        logits_blob = logits_record(logits, eval_loaders, epoch, teacher_logits)
         # best before last: a crash in between redoes this epoch on resume and rewrites both
         for suffix in ("best", "last") if is_best else ("last",):
-            save_logits(out(f"logits_{suffix}.pt"), logits, eval_loaders, epoch, teacher_logits)
+            save_checkpoint(out(f"logits_{suffix}.pt"), logits_blob)
             save_checkpoint(out(f"{suffix}.pt"), ckpt)
         val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
