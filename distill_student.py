@@ -1,10 +1,13 @@
 """Distill a fine-tuned ResNet-50 teacher into the MobileNetV3-Small student (Hinton et al., 2015).
 
-Loss: alpha * CE(y, p_s) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)).
+Loss: alpha * CE(y, p_s) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) (kd.losses).
 """
+import functools
+
 from kd.checkpoint import file_sha256
-from kd.cli import run_script
-from kd.flags import add_student_flags, base_parser
+from kd.errors import run_script
+from kd.flags import add_student_flags, base_parser, number, positive_float
+from kd.losses import kd_loss
 from kd.models import STUDENT_ARCH, build_student, load_teacher
 from kd.train import fit, prepare_run
 
@@ -14,14 +17,15 @@ def main() -> None:
     add_student_flags(p)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
                    help="checkpoint written by train_teacher.py; its --img_size is reused")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the hard-label CE; 1 - alpha weighs the T^2-scaled KL term")
-    p.add_argument("--T", type=float, default=4.0, help="softmax temperature of both models")
+    p.add_argument("--alpha", type=number(float, 0, 1, why=" (it weighs the hard-label CE)"),
+                   default=0.5, help="weight of the hard-label CE; 1 - alpha weighs the T^2-scaled KL")
+    p.add_argument("--T", type=positive_float, default=4.0, help="softmax temperature of both models")
     args = p.parse_args()
-    device = prepare_run(args)
+    device = prepare_run(args, keep=(args.teacher_ckpt,))
     teacher = load_teacher(args.teacher_ckpt)
-    arch = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt)}
-    fit(args, build_student(args.stem), device, arch, teacher=teacher)
+    run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt)}
+    loss_fn = functools.partial(kd_loss, alpha=args.alpha, T=args.T)
+    fit(args, build_student(args.stem), device, loss_fn, run_info, teacher=teacher)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train the MobileNetV3-Small student on CIFAR-100 with cross-entropy: the baseline for KD."""
-from kd.cli import run_script
+from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser
+from kd.losses import ce_loss
 from kd.models import STUDENT_ARCH, build_student
 from kd.train import fit, prepare_run
 
@@ -10,7 +11,7 @@ def main() -> None:
     add_student_flags(p)
     args = p.parse_args()
     device = prepare_run(args)
-    fit(args, build_student(args.stem), device, arch={"arch": STUDENT_ARCH})
+    fit(args, build_student(args.stem), device, ce_loss, {"arch": STUDENT_ARCH})
 
 
 if __name__ == "__main__":

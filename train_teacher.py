@@ -1,13 +1,14 @@
 """Fine-tune an ImageNet-pretrained ResNet-50 on CIFAR-100; 32 px crops are upsampled to --img_size."""
-from kd.cli import run_script
-from kd.flags import base_parser
+from kd.errors import run_script
+from kd.flags import base_parser, number
+from kd.losses import ce_loss
 from kd.models import TEACHER_ARCH, build_teacher
 from kd.train import fit, prepare_run
 
 
 def main() -> None:
     p = base_parser(__doc__, out_dir="runs/teacher_resnet50", epochs=40, batch_size=256, lr=0.05)
-    p.add_argument("--img_size", type=int, default=224,
+    p.add_argument("--img_size", type=number(int, 32), default=224,
                    help="the augmented 32 px crop is upsampled (bilinear, on the device) to this size")
     p.add_argument("--pretrained", choices=["imagenet", "none"], default="imagenet",
                    help="imagenet: torchvision's IMAGENET1K_V2 weights (downloaded); none: random init")
@@ -17,7 +18,7 @@ def main() -> None:
     device = prepare_run(args)
     pretrained = "none" if args.resume else args.pretrained  # resume loads its own weights
     model = build_teacher(args.img_size, pretrained, None if args.resume else args.weights)
-    fit(args, model, device, arch={"arch": TEACHER_ARCH})
+    fit(args, model, device, ce_loss, {"arch": TEACHER_ARCH})
 
 
 if __name__ == "__main__":

@@ -7,19 +7,22 @@
            the DeviceLoader: "input cost" is how much longer a step takes with the loader
   eval     kd.engine.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
 
-Every config runs in each variant of dtype (autocast, as kd.train.make_autocast builds it; fp16
-with a GradScaler) x channels_last x torch.compile. Images are random uint8, not CIFAR-100:
+The defaults are what training runs: kd.train's memory format (channels_last) and cuDNN
+autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU), eager. A grid of
+variants, dtype (fp16 with a GradScaler) x channels_last x torch.compile, is asked for with
+--dtypes, --channels_last both, --compile both. Images are random uint8, not CIFAR-100:
 throughput does not depend on pixel values. CUDA time comes from CUDA events around blocks of
 steps (synchronised only at block ends), CPU time from perf_counter; each number is the median
 of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
 
-  python -m kd.bench                            # CUDA: 96 rows, 48 of them compiled (long)
-  python -m kd.bench --compile off              # the eager half of the grid
-  python -m kd.bench --compile on --dtypes bf16 --channels_last on
+  python -m kd.bench                            # the training settings, every config
+  python -m kd.bench --compile on               # the same, compiled as --compile trains
+  python -m kd.bench --dtypes bf16,fp16,fp32 --channels_last both --compile both  # 96 rows (long)
   python -m kd.bench --quick --device cpu       # smoke run, under 3 minutes on 2 cores
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -37,14 +40,16 @@ from torchvision import transforms
 from kd.checkpoint import write_json
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split
 from kd.distributed import resolve_device
-from kd.engine import Objective, make_optimizer, make_scheduler, predict, train_step
-from kd.errors import UserError
+from kd.errors import UserError, say
+from kd.flags import add_device_flag, base_parser
+from kd.losses import ce_loss, kd_loss
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import build_student, build_teacher
-from kd.train import make_autocast
+from kd.train import (CUDNN_BENCHMARK, MEMORY_FORMAT, make_autocast, make_optimization, predict,
+                      train_step)
 
 DTYPES = ["bf16", "fp16", "fp32"]
-LR, MOMENTUM, WEIGHT_DECAY, ALPHA, T = 0.01, 0.9, 5e-4, 0.5, 4.0
+ALPHA, T = 0.5, 4.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Variant:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+        return MEMORY_FORMAT if self.channels_last else torch.contiguous_format
 
 
 def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
@@ -99,8 +104,7 @@ def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto picks cuda when available (default: auto)")
+    add_device_flag(p)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: fewer images, steps and repeats, the small configs, eager only")
     p.add_argument("--json", metavar="PATH",
@@ -125,15 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, from {','.join(CONFIGS)} (default on CUDA: all but kd_t32; "
                         f"on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
     p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
-                   help="autocast dtypes, comma-separated (default on CUDA: bf16,fp16,fp32, bf16 with "
-                        "--quick; CPU: fp32, the only one kd.train.make_autocast gives there)")
-    p.add_argument("--compile", choices=["off", "on", "both"],
-                   help="torch.compile variants (default on CUDA: both, off with --quick; CPU: off)")
-    p.add_argument("--channels_last", choices=["off", "on", "both"],
-                   help="model and input memory format (default on CUDA: both, on with --quick; "
-                        "CPU: off, as kd.train.fit leaves a CPU model)")
-    p.add_argument("--cudnn_benchmark", action="store_true",
-                   help="set torch.backends.cudnn.benchmark (kd.train leaves it off)")
+                   help="autocast dtypes, comma-separated (default: bf16 on CUDA, fp32 on CPU, "
+                        "the only one kd.train.make_autocast gives there: the scripts' defaults)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile variants (default: off, as the scripts without --compile)")
+    p.add_argument("--channels_last", choices=["off", "on", "both"], default="on",
+                   help="model and input memory format (default: on, kd.train.MEMORY_FORMAT)")
+    p.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction,
+                   default=CUDNN_BENCHMARK, help="torch.backends.cudnn.benchmark "
+                   "(default: kd.train.CUDNN_BENCHMARK, as training sets it)")
     return p.parse_args(argv)
 
 
@@ -148,9 +152,7 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
         "repeats": 3 if quick else 5,
         "warmup": 1 if quick else 5,
         "configs": CUDA_CONFIGS if cuda and not quick else SMALL_CONFIGS,
-        "dtypes": (["bf16"] if quick else DTYPES) if cuda else ["fp32"],
-        "compile": "both" if cuda and not quick else "off",
-        "channels_last": ("on" if quick else "both") if cuda else "off",
+        "dtypes": ["bf16"] if cuda else ["fp32"],
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -289,7 +291,7 @@ def build(config: Config, variant: Variant, device: torch.device) -> tuple[nn.Mo
 
 
 def autocast_for(variant: Variant, device: torch.device):
-    return make_autocast(argparse.Namespace(amp=variant.dtype != "fp32", amp_dtype=variant.dtype), device)
+    return make_autocast(device, amp=variant.dtype != "fp32", amp_dtype=variant.dtype)
 
 
 def loader_batches(loader: DeviceLoader, memory_format: torch.memory_format) -> Iterator:
@@ -306,15 +308,18 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     """Training steps on one pre-made batch and, for the students, fed by the DeviceLoader."""
     model, teacher = build(config, variant, device)
     model.train()
-    optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, device)
-    scheduler = make_scheduler(optimizer, 0, 10**6)
-    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == "fp16")
-    autocast = autocast_for(variant, device)
-    objective = Objective(model, teacher, ALPHA, T, compile=variant.compile)
+    train_args = base_parser("", out_dir="", epochs=1, batch_size=args.batch_size, lr=0.01
+                             ).parse_args(["--warmup_epochs", "0"])  # the scripts' SGD settings
+    train_args.amp, train_args.amp_dtype = variant.dtype != "fp32", variant.dtype
+    opt = make_optimization(train_args, model, 10**6, device)
+    loss_fn = ce_loss if teacher is None else functools.partial(kd_loss, alpha=ALPHA, T=T)
+    if variant.compile:  # as kd.train.fit compiles
+        model, loss_fn = torch.compile(model), torch.compile(loss_fn)
+        teacher = torch.compile(teacher) if teacher is not None else None
 
     def stepper(batches: Iterator) -> Callable[[], None]:
         def step() -> None:
-            train_step(objective, optimizer, scheduler, scaler, autocast, *next(batches))
+            train_step(model, teacher, loss_fn, opt, *next(batches))
         return step
 
     images, labels, _ = next(iter(loader))
@@ -376,11 +381,8 @@ def print_header(report: dict, args: argparse.Namespace, device: torch.device) -
     print(f"random uint8 images (not CIFAR-100): {args.images:,} train, batch {args.batch_size}, "
           f"eval batch {args.eval_batch_size}; timed blocks of {args.steps} step(s), median of "
           f"{args.repeats}, after {args.warmup} warm-up step(s)")
-    if device.type == "cpu":
-        print("CPU: fp32 only (autocast is CUDA-only in kd.train), "
-              f"compile {args.compile}, channels_last {args.channels_last}", flush=True)
-    else:
-        print(f"cudnn.benchmark {torch.backends.cudnn.benchmark}", flush=True)
+    print(f"dtypes {','.join(args.dtypes)}, compile {args.compile}, channels_last "
+          f"{args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}", flush=True)
 
 
 def print_data(data: dict) -> None:
@@ -392,6 +394,14 @@ def print_data(data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except UserError as e:
+        say(f"error: {e}")
+        sys.exit(2)
+
+
+def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     fill_defaults(args, device.type == "cuda")
@@ -404,9 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     print_header(report, args, device)
 
     split = random_split(args.images)
-    train_loader = DeviceLoader(split, args.batch_size, True, device, seed=0)
+    train_loader = DeviceLoader(split, args.batch_size, device, train=True, seed=0)
     n_eval = max(1, args.images // 5 // args.eval_batch_size) * args.eval_batch_size  # no padded batch
-    eval_loader = DeviceLoader(random_split(n_eval, seed=1), args.eval_batch_size, False, device)
+    eval_loader = DeviceLoader(random_split(n_eval, seed=1), args.eval_batch_size, device, train=False)
     report["data"] = bench_data(split, train_loader, args, device)
     print_data(report["data"])
     save()
@@ -426,8 +436,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

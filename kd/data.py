@@ -133,6 +133,16 @@ def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
     return pick(~is_val), pick(is_val)
 
 
+def derive_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """The seed of one epoch's random draws, from --seed, the epoch and the process rank alone.
+
+    rank=None: the stream every process shares (data order and augmentation); rank r: that
+    process's own stream (dropout). A run's randomness is then a function of where it is, not of
+    its history, so a resumed run, on any number of processes, continues exactly.
+    """
+    return (seed * 1_000_003 + epoch) * 1_009 + (0 if rank is None else rank + 1)
+
+
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rank's contiguous [start, end) of `total` rows; shard sizes differ by at most one."""
     return rank * total // world_size, (rank + 1) * total // world_size
@@ -167,7 +177,7 @@ class DeviceLoader:
     a contiguous shard (shard_range) and the split stays whole for the metrics.
     """
 
-    def __init__(self, split: Split, batch_size: int, train: bool, device: torch.device | str,
+    def __init__(self, split: Split, batch_size: int, device: torch.device | str, *, train: bool,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
         self.split = split.to(self.device)
@@ -203,7 +213,7 @@ class DeviceLoader:
         return self._train_batches() if self.train else self._eval_batches()
 
     def _train_batches(self):
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.generator.manual_seed(derive_seed(self.seed, self.epoch))
         n = len(self.split)
         order = torch.randperm(n, generator=self.generator, device=self.device)
         rows, cols = augment_indices(n, self.generator, self.device)

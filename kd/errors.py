@@ -1,5 +1,64 @@
-"""The one exception type that the scripts turn into a single line on stderr and a non-zero exit."""
+"""How a command ends: one line on stderr and an exit code, never a traceback.
+
+UserError: bad input or an environment problem the user can fix (exit 2). SIGINT/SIGTERM: the
+first asks the run to stop at the next step (StopRequested, exit 128 + the signal), the second
+exits at once. Under torchrun every process fails or stops alike, so only rank 0 says why.
+"""
+import os
+import signal
+import sys
+from typing import Callable
+
+import torch.distributed as dist
 
 
 class UserError(Exception):
     """Bad input or an environment problem the user can fix; the message says how."""
+
+
+class StopRequested(Exception):
+    """Raised inside the epoch when SIGINT/SIGTERM asked the run to stop; the message says how
+    to resume."""
+
+
+_received: list[int] = []
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a process not launched by torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(message: str) -> None:
+    """A line on stderr, from rank 0 only."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _on_signal(signum, frame) -> None:
+    if _received:
+        os._exit(128 + signum)
+    _received.append(signum)
+    say(f"\n{signal.Signals(signum).name}: stopping at the next step "
+        f"(send it again to quit at once)")
+
+
+def stop_requested() -> bool:
+    return bool(_received)
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a command's main(): UserError and stop signals become one line and an exit code."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    try:
+        main()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; leave together, not mid-teardown
+            dist.destroy_process_group()
+    except UserError as e:
+        say(f"error: {e}")
+        sys.exit(2)
+    except StopRequested as e:
+        say(f"stopped: {e}")
+        sys.exit(128 + (_received[0] if _received else signal.SIGTERM))  # a rank told by others

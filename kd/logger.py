@@ -7,37 +7,46 @@ from kd.checkpoint import atomic_write
 
 
 class CSVLogger:
-    """Appends epoch rows to a CSV file with a fixed header.
+    """Appends epoch rows to a CSV file whose header is the keys of the first row.
 
     keep_epochs=k (on resume) first rewrites the file, atomically, with only the rows of epochs
     1..k, so a run killed after logging epoch k+1 but before checkpointing it gets no duplicate rows.
     """
 
-    def __init__(self, path: str, columns: list[str], keep_epochs: int = 0):
+    def __init__(self, path: str, keep_epochs: int = 0):
         self.path = path
-        self.columns = columns
+        self.columns, rows = self._read(keep_epochs) if keep_epochs else (None, [])
+        if self.columns is None:
+            self.file = self.writer = None
+            return
         text = io.StringIO()
-        header = csv.DictWriter(text, fieldnames=columns)
-        header.writeheader()
-        header.writerows(self._read_rows(keep_epochs) if keep_epochs else [])
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(rows)
         atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        self._open()
 
-    def _read_rows(self, keep_epochs: int) -> list[dict]:
+    def _read(self, keep_epochs: int) -> tuple[list[str] | None, list[dict]]:
         if not os.path.exists(self.path):
-            return []
+            return None, []
         with open(self.path, newline="") as f:
-            return [row for row in csv.DictReader(f) if int(row["epoch"]) <= keep_epochs]
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if int(row["epoch"]) <= keep_epochs]
+            return reader.fieldnames, rows
+
+    def _open(self) -> None:
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
 
     def log(self, row: dict) -> None:
-        self.writer.writerow({k: _fmt(row.get(k, "")) for k in self.columns})
+        if self.writer is None:  # the first row of a new log
+            self.columns = list(row)
+            atomic_write(self.path, lambda f: f.write((",".join(self.columns) + "\n").encode()))
+            self._open()
+        self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
         self.file.flush()
         os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        self.file.close()
-
-
-def _fmt(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
+        if self.file is not None:
+            self.file.close()

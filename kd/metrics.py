@@ -14,18 +14,28 @@ def fine_to_coarse(labels: torch.Tensor, coarse_labels: torch.Tensor, num_classe
     return mapping.scatter(0, labels, coarse_labels)
 
 
-def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
-                               ) -> torch.Tensor:
-    """ECE: sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|.
+ECE_BINS = 15
 
-    Bins are (k/n, (k+1)/n], as in Guo et al. (2017).
+
+def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS
+                     ) -> dict[str, torch.Tensor]:
+    """Per equal-width bin (k/n, (k+1)/n] of top-1 confidence (Guo et al., 2017): the number of
+    images 'count', and the sums of their confidences 'confidence' and of their hits 'correct'.
+
+    A row with non-finite logits lands in bin 0 with a NaN confidence, so the ECE becomes NaN.
     """
     confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
-    correct = (predicted == labels).float()
-    bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
-    conf_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, confidence)
-    correct_sum = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, correct)
-    return (conf_sum - correct_sum).abs().sum() / len(labels)
+    bins = (confidence * n_bins).ceil().nan_to_num(1).clamp(1, n_bins).long() - 1
+    sums = lambda values: torch.zeros(n_bins, device=logits.device).index_add_(0, bins, values)
+    return {"count": sums(torch.ones_like(confidence)), "confidence": sums(confidence),
+            "correct": sums((predicted == labels).float())}
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor,
+                               n_bins: int = ECE_BINS) -> torch.Tensor:
+    """ECE in [0, 1]: the sum over bins of (bin share) * |accuracy - mean confidence|."""
+    bins = calibration_bins(logits, labels, n_bins)
+    return (bins["confidence"] - bins["correct"]).abs().sum() / len(labels)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, coarse_labels: torch.Tensor,

@@ -10,6 +10,7 @@ from kd.errors import UserError
 NUM_CLASSES = 100
 TEACHER_ARCH = "resnet50"
 STUDENT_ARCH = "mobilenet_v3_small"
+STEMS = ("cifar", "imagenet")
 
 
 class Upsampled(nn.Module):
@@ -73,34 +74,47 @@ def build_student(stem: str = "cifar") -> nn.Module:
     if stem == "cifar":
         net.features[0][0].stride = (1, 1)
         net.features[1].block[0][0].stride = (1, 1)
-    elif stem != "imagenet":
+    elif stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}")
     return net
 
 
-def build_model(config: dict) -> nn.Module:
-    """An untrained model of the architecture a run's config names (weights come from a checkpoint)."""
-    if config["arch"] == TEACHER_ARCH:
+def build_model(config: dict, path: str) -> nn.Module:
+    """An untrained model of the architecture the config of checkpoint `path` names."""
+    arch = config.get("arch")
+    if arch == TEACHER_ARCH and isinstance(config.get("img_size"), int):
         return build_teacher(img_size=config["img_size"])
-    return build_student(config["stem"])
+    if arch == STUDENT_ARCH and config.get("stem") in STEMS:
+        return build_student(config["stem"])
+    raise UserError(f"{path}: its config names no model this repo builds (arch {arch!r}, with "
+                    f"img_size for {TEACHER_ARCH} or stem for {STUDENT_ARCH})")
+
+
+def load_model(path: str, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """The model a checkpoint of this repo holds, weights loaded, and the checkpoint.
+
+    arch: refuse a checkpoint of any other architecture. Built inside fork_rng, so that loading
+    leaves the global RNG, and so a student's initialisation, exactly as --seed set it.
+    """
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its config is not a dictionary")
+    if arch is not None and config.get("arch") != arch:
+        raise UserError(f"{path} is not a {arch} checkpoint (its config says arch "
+                        f"{config.get('arch')!r})")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"{path} does not fit a {NUM_CLASSES}-class {config['arch']}: {reason}") \
+            from None
+    return model, ckpt
 
 
 def load_teacher(path: str) -> Upsampled:
-    """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained at.
-
-    Built inside fork_rng so that loading it leaves the global RNG, and so the student's
-    initialisation, exactly as --seed set it.
-    """
-    ckpt = load_checkpoint(path)
-    arch = ckpt["config"].get("arch")
-    if arch != TEACHER_ARCH:
-        raise UserError(f"{path} holds a {arch} checkpoint; --teacher_ckpt needs one written by "
-                        f"train_teacher.py ({TEACHER_ARCH})")
-    with torch.random.fork_rng(devices=[]):
-        teacher = build_model(ckpt["config"])
-    try:
-        teacher.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit a {NUM_CLASSES}-class {TEACHER_ARCH}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+    """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained at."""
+    teacher, _ = load_model(path, TEACHER_ARCH)
     return teacher.eval().requires_grad_(False)

@@ -17,19 +17,20 @@ from kd.errors import UserError
 
 RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "logits_last.pt",
              "logits_best.pt")
-# Flags that may differ when resuming: where and how the run executes, not what it computes.
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "download",
-                     "device", "compile", "eval_batch_size", "teacher_ckpt"}
-ENVIRONMENT_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
-                    "per_rank_batch_size"}
+# Config keys that record where and how a run executed, not what it computed: they may change on
+# --resume, and runs that differ only in these and the seed are seeds of one experiment (plots/).
+EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
+                  "per_rank_batch_size", "resume", "overwrite", "out_dir", "data_dir", "download",
+                  "device", "compile", "eval_batch_size", "teacher_ckpt"}
 
 
 def existing_run_files(out_dir: str) -> list[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
 
 
-def check_out_dir(args: argparse.Namespace) -> None:
-    """Refuse to start where a run exists unless --resume or --overwrite says what to do with it."""
+def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
+    """Refuse to start where a run exists unless --resume or --overwrite says what to do with it,
+    and refuse an --overwrite that would delete one of the input files `keep`."""
     existing = existing_run_files(args.out_dir)
     if args.resume and "last.pt" not in existing:
         hint = "--overwrite instead of --resume to start it again" if existing else "no --resume"
@@ -37,9 +38,9 @@ def check_out_dir(args: argparse.Namespace) -> None:
     if existing and not (args.resume or args.overwrite):
         raise UserError(f"{args.out_dir} already holds a run ({', '.join(existing)}); "
                         f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
-    teacher = getattr(args, "teacher_ckpt", None)
-    if args.overwrite and teacher and os.path.dirname(os.path.abspath(teacher)) == os.path.abspath(args.out_dir):
-        raise UserError(f"--overwrite would delete the teacher checkpoint {teacher}; pick another --out_dir")
+    for path in keep:
+        if args.overwrite and os.path.dirname(os.path.abspath(path)) == os.path.abspath(args.out_dir):
+            raise UserError(f"--overwrite would delete {path}; pick another --out_dir")
 
 
 def reset_out_dir(args: argparse.Namespace) -> None:
@@ -80,7 +81,7 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     Refuses any difference in a flag that changes what the run computes (lr, batch size, seed,
     model, alpha, T, the teacher's weights...), and fewer epochs than already done.
     """
-    keys = (set(saved) | set(config)) - ENVIRONMENT_KEYS - RESUMABLE_CHANGES
+    keys = (set(saved) | set(config)) - EXECUTION_KEYS - {"epochs"}
     changed = sorted(k for k in keys if saved.get(k) != config.get(k))
     if changed:
         details = ", ".join(f"--{k} {saved.get(k)} -> {config.get(k)}" for k in changed)
@@ -89,7 +90,7 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     if config["epochs"] < epochs_done:
         raise UserError(f"--resume --epochs {config['epochs']}: the run already finished "
                         f"{epochs_done} epochs")
-    now = {k: v for k, v in config.items() if k in ENVIRONMENT_KEYS | RESUMABLE_CHANGES}
+    now = {k: v for k, v in config.items() if k in EXECUTION_KEYS | {"epochs"}}
     return {**saved, **now}
 
 

@@ -1,4 +1,4 @@
-"""Reliability diagrams: accuracy against confidence in 15 equal-width bins, one panel per run."""
+"""Reliability diagrams: accuracy against confidence in equal-width bins, one panel per run."""
 import math
 from pathlib import Path
 
@@ -6,24 +6,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from kd.metrics import ECE_BINS, calibration_bins, expected_calibration_error
 from plots.rundata import Run
 from plots.style import save_figure
 
-N_BINS = 15
 MAX_COLUMNS = 4
 
 
-def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> dict:
-    """Per bin (k/n, (k+1)/n] of top-1 confidence, as kd.metrics bins for ECE: 'count',
-    'accuracy' and 'confidence' (mean; both NaN for an empty bin), and 'ece' in [0, 1]."""
-    confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
-    correct = (predicted == labels).float()
-    bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
-    count = torch.zeros(n_bins).index_add_(0, bins, torch.ones_like(confidence))
-    correct_sum = torch.zeros(n_bins).index_add_(0, bins, correct)
-    confidence_sum = torch.zeros(n_bins).index_add_(0, bins, confidence)
-    return {"count": count, "accuracy": correct_sum / count, "confidence": confidence_sum / count,
-            "ece": ((confidence_sum - correct_sum).abs().sum() / len(labels)).item()}
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """kd.metrics' ECE bins as means: per bin 'count', 'accuracy' and 'confidence' (both NaN for
+    an empty bin), and 'ece' in [0, 1], computed as the training logs compute test_ece."""
+    bins = calibration_bins(logits, labels)
+    return {"count": bins["count"], "accuracy": bins["correct"] / bins["count"],
+            "confidence": bins["confidence"] / bins["count"],
+            "ece": expected_calibration_error(logits, labels).item()}
 
 
 def draw_reliability(ax: plt.Axes, hist_ax: plt.Axes, bins: dict, title: str) -> None:
@@ -67,5 +63,5 @@ def plot_reliability(runs: list[Run], path: Path) -> None:
                          f"{run.label}\n{run.role}, ECE {100 * bins['ece']:.2f}%")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=3,
                frameon=False)
-    fig.suptitle(f"Reliability on the test set at the best epoch ({N_BINS} equal-width bins)")
+    fig.suptitle(f"Reliability on the test set at the best epoch ({ECE_BINS} equal-width bins)")
     save_figure(fig, path)

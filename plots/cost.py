@@ -16,18 +16,21 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd.models import STEMS, STUDENT_ARCH, TEACHER_ARCH, build_model
+
 INPUT_SHAPE = (1, 3, 32, 32)
 WARMUP = 3
 COST_HEADER = ["model", "params (M)", "MACs (M)", "CPU latency (ms)"]
 
 
 def model_key(config: dict) -> str | None:
-    """What a run's cost depends on, e.g. 'resnet50@224px'; None if the config does not say."""
+    """What a run's cost depends on, e.g. 'resnet50@224px'; None if the config names no model
+    that kd.models.build_model builds."""
     arch = config.get("arch")
-    if arch == "resnet50" and "img_size" in config:
-        return f"resnet50@{config['img_size']}px"
-    if arch == "mobilenet_v3_small" and "stem" in config:
-        return f"mobilenet_v3_small/{config['stem']}-stem@32px"
+    if arch == TEACHER_ARCH and isinstance(config.get("img_size"), int):
+        return f"{TEACHER_ARCH}@{config['img_size']}px"
+    if arch == STUDENT_ARCH and config.get("stem") in STEMS:
+        return f"{STUDENT_ARCH}/{config['stem']}-stem@32px"
     return None
 
 
@@ -65,8 +68,7 @@ def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 def measure(config: dict, repeats: int) -> dict:
     """{'params', 'macs', 'latency_ms'} of the model a run's config describes, in eval mode."""
-    from kd.models import build_model  # imports torchvision (seconds): only when measuring
-    model = build_model(config).eval()
+    model = build_model(config, "config").eval()
     x = torch.zeros(INPUT_SHAPE)
     with torch.inference_mode():
         return {"params": sum(p.numel() for p in model.parameters()),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.metrics import fine_to_coarse
-from plots.rundata import InputError, Run
+from plots.rundata import Run
 from plots.style import save_figure
 
 DEFAULT_T = 4.0
@@ -28,7 +28,7 @@ def superclass_mass(logits: torch.Tensor, labels: torch.Tensor, class_to_coarse:
     of its superclass ('same'), on all classes of other superclasses ('other'); 'same_per_class'
     and 'other_per_class' divide each image's mass by its number of such classes first;
     'ratio' = same_per_class / other_per_class. Masses are fractions of 1."""
-    p = (logits.float() / T).softmax(dim=1)
+    p = (logits / T).softmax(dim=1)
     in_superclass = class_to_coarse[None, :] == class_to_coarse[labels][:, None]  # [N, C]
     is_true = F.one_hot(labels, p.shape[1]).bool()
     same, other = in_superclass & ~is_true, ~in_superclass
@@ -43,24 +43,27 @@ def superclass_mass(logits: torch.Tensor, labels: torch.Tensor, class_to_coarse:
 
 def kd_temperatures(runs: list[Run]) -> list[float]:
     """1 and every T the KD runs used (DEFAULT_T when there are none)."""
-    kd = {float(run.config["T"]) for run in runs if run.is_kd and "T" in run.config}
+    kd = {float(run.config["T"]) for run in runs
+          if run.is_kd and isinstance(run.config.get("T"), (int, float))}
     return [1.0] + sorted((kd or {DEFAULT_T}) - {1.0})
 
 
-def teacher_masses(runs: list[Run]) -> list[tuple[Run, float, dict]]:
-    """(teacher run, T, superclass_mass) for each teacher run with test logits and each T."""
-    results = []
+def teacher_masses(runs: list[Run]) -> tuple[list[tuple[Run, float, dict]], list[str]]:
+    """(teacher run, T, superclass_mass) for each teacher run with test logits and each T, and
+    the teachers left out because their test labels miss some classes."""
+    results, skipped = [], []
     for run in runs:
         if not run.is_teacher or run.logits is None:
             continue
         logits, labels = run.logits["logits"], run.logits["labels"]
         mapping = fine_to_coarse(labels, run.logits["coarse_labels"], logits.shape[1])
         if (mapping < 0).any():
-            raise InputError(f"{run.folder / 'logits_best.pt'}: the test labels miss some "
-                             f"classes, so their superclasses are unknown")
+            skipped.append(f"left out of the dark knowledge: {run.label} (the test labels in "
+                           f"logits_best.pt miss some classes, so their superclasses are unknown)")
+            continue
         results += [(run, T, superclass_mass(logits, labels, mapping, T))
                     for T in kd_temperatures(runs)]
-    return results
+    return results, skipped
 
 
 def mass_rows(masses: list[tuple[Run, float, dict]]) -> list[list[str]]:

@@ -1,19 +1,17 @@
 """Each run's results at its best and its last epoch, and runs grouped over seeds."""
 import json
+import math
 import os
 from dataclasses import dataclass
 
 import pandas as pd
 
-from plots.rundata import InputError, Run
+from kd.rundir import EXECUTION_KEYS
+from plots.rundata import Run
 
 METRICS = ["top1", "top5", "loss", "ece", "super_top1", "agree"]  # test_<metric> in the logs
-# Config keys that record where or how a run executed rather than what it computed (the first
-# five are kd/rundir.py's ENVIRONMENT_KEYS). Runs whose configs differ only in these and in the
-# seed are seeds of one experiment.
-NOT_EXPERIMENT_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "seed",
-                       "out_dir", "resume", "overwrite", "data_dir", "download", "device",
-                       "compile", "eval_batch_size", "teacher_ckpt"}
+# Runs whose configs differ only in these keys are seeds of one experiment.
+NOT_EXPERIMENT_KEYS = EXECUTION_KEYS | {"seed"}
 
 
 @dataclass
@@ -24,35 +22,27 @@ class Group:
 
 def selected_by(run: Run) -> str:
     """The log column that picked the best epoch (runs from before --val_size: test_top1)."""
-    if run.summary is not None and "selected_by" in run.summary:
-        return run.summary["selected_by"]
+    chosen = (run.summary or {}).get("selected_by")
+    if chosen in list(run.log.columns):  # a list: chosen may be any JSON value
+        return chosen
     return "val_top1" if "val_top1" in run.log.columns else "test_top1"
 
 
-def best_and_last(run: Run) -> tuple[dict, dict]:
-    """All logged metrics at the best and at the last epoch: summary.json's 'best' and 'last'
-    when present, else those rows of log.csv (best: the first epoch with the top selected_by)."""
-    summary = run.summary or {}
-    if isinstance(summary.get("best"), dict) and isinstance(summary.get("last"), dict):
-        return summary["best"], summary["last"]
-    if "best_epoch" in summary:
-        rows = run.log[run.log["epoch"] == summary["best_epoch"]]
-        if rows.empty:
-            raise InputError(f"{run.folder / 'log.csv'} has no row for the best epoch "
-                             f"{summary['best_epoch']} of summary.json")
-        best = rows.iloc[0]
-    else:
-        best = run.log.loc[run.log[selected_by(run)].idxmax()]
-    return best.to_dict(), run.log.iloc[-1].to_dict()
+def best_and_last(run: Run) -> tuple[pd.Series, pd.Series]:
+    """The log.csv rows of the best and the last epoch. Best: summary.json's best_epoch when
+    log.csv has it, else the first epoch with the top selected_by."""
+    rows = run.log[run.log["epoch"] == (run.summary or {}).get("best_epoch")]
+    top = run.log[selected_by(run)].fillna(-math.inf).idxmax()  # all NaN: the first epoch
+    best = rows.iloc[0] if len(rows) else run.log.loc[top]
+    return best, run.log.iloc[-1]
 
 
 def run_record(run: Run) -> dict[str, float]:
-    """The numbers of one run's table row: best epoch, training time in minutes, and
-    best_<m> / last_<m> for each of METRICS (NaN if not logged)."""
+    """The numbers of one run's table row: best epoch, training time in minutes (the logged
+    epoch times, without evaluation), and best_<m> / last_<m> for each of METRICS (NaN if not
+    logged)."""
     best, last = best_and_last(run)
-    summary = run.summary or {}
-    record = {"best_epoch": best["epoch"],
-              "time_min": summary.get("total_time_s", run.log["epoch_time_s"].sum()) / 60}
+    record = {"best_epoch": best["epoch"], "train_time_min": run.log["epoch_time_s"].sum() / 60}
     for metric in METRICS:
         record[f"best_{metric}"] = best.get(f"test_{metric}", float("nan"))
         record[f"last_{metric}"] = last.get(f"test_{metric}", float("nan"))

@@ -4,38 +4,39 @@
     python plots/plot_runs.py runs/demo --out figs     # every run below runs/demo
     python plots/plot_runs.py runs/teacher runs/kd --no-cost
 
-A run folder is any folder holding log.csv (written by the three training scripts, beside
-config.json, summary.json once finished, and logits_best.pt). Runs whose configs differ only by
-seed form one row: mean ± sample std over the seeds. Runs without summary.json are tabulated
-from log.csv and marked unfinished; their time is the sum of the logged training time per epoch.
-Writes PNGs and results.md into --out and prints results.md. Bad input is reported as one line
-on stderr with exit code 2.
+A run folder is any folder holding config.json or log.csv (written by the three training
+scripts, beside summary.json once finished, and logits_best.pt). Runs whose configs differ only
+by seed form one row: mean ± sample std over the seeds. Runs without summary.json are tabulated
+from log.csv and marked unfinished. Writes PNGs and results.md into --out and prints results.md.
+
+A problem with one run (no epoch logged yet, a cut-off or unreadable log.csv, missing, unreadable
+or non-finite logits, an unreadable summary.json...) never stops the report: what can be read is
+reported, and each part left out is named in results.md and in a `warning:` line on stderr. Bad
+arguments, and runs of which none can be reported, are one `error:` line on stderr, exit code 2.
 """
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: find plots/ and kd/
+import matplotlib
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # headless: before pyplot is imported
-
-from plots.calibration import N_BINS, plot_reliability  # noqa: E402
-from plots.compare import plot_comparison  # noqa: E402
-from plots.cost import COST_HEADER, cost_note, cost_rows, model_costs  # noqa: E402
-from plots.curves import plot_curves  # noqa: E402
-from plots.dark_knowledge import (TABLE_HEADER, mass_rows, plot_dark_knowledge,  # noqa: E402
-                                  teacher_masses)
-from plots.groups import Group, group_runs  # noqa: E402
-from plots.rundata import InputError, Run, load_runs  # noqa: E402
-from plots.tables import markdown, results_table  # noqa: E402
+from kd.errors import UserError, say
+from kd.metrics import ECE_BINS
+from plots.calibration import plot_reliability
+from plots.compare import plot_comparison
+from plots.cost import COST_HEADER, cost_note, cost_rows, model_costs
+from plots.curves import plot_curves
+from plots.dark_knowledge import TABLE_HEADER, mass_rows, plot_dark_knowledge, teacher_masses
+from plots.groups import Group, group_runs
+from plots.rundata import Run, load_runs
+from plots.tables import markdown, results_table
 
 INTRO = f"""Metrics on the test split. *best*: the epoch the `best by` split picked (`test`
 flatters the best columns; compare the last ones); *last*: the final epoch. NLL in nats; ECE in %
-with {N_BINS} equal-width confidence bins; *super top-1*: the predicted class lies in the true
-superclass; *agree*: student and teacher top-1 match (KD runs). Rows with n > 1 are runs that
-differ only by seed: mean ± sample std over the n seeds."""
+with {ECE_BINS} equal-width confidence bins; *super top-1*: the predicted class lies in the true
+superclass; *agree*: student and teacher top-1 match (KD runs). *train time*: the sum of the
+logged epoch times, training only, without evaluation. Rows with n > 1 are runs that differ only
+by seed: mean ± sample std over the n seeds."""
 DARK_INTRO = """Mean softmax(logits / T) of each teacher at its best epoch on the test set:
 on the true class, on the 4 other classes of the true superclass, on the 95 classes of other
 superclasses, and per class of each kind. T: 1 and the temperature of the KD runs."""
@@ -56,14 +57,13 @@ def write_figures(runs: list[Run], groups: list[Group], masses: list[tuple[Run, 
     return names
 
 
-def report(runs: list[Run], groups: list[Group], costs: dict | None,
-           masses: list[tuple[Run, float, dict]], figures: list[str], latency_runs: int) -> str:
-    """results.md: the results table, the figures, the dark-knowledge and the model-cost tables."""
+def report(groups: list[Group], costs: dict | None, masses: list[tuple[Run, float, dict]],
+           figures: list[str], latency_runs: int, skipped: list[str]) -> str:
+    """results.md: the results table, what was left out, the figures, the dark-knowledge and the
+    model-cost tables."""
     parts = ["# Results", INTRO, results_table(groups, costs)]
-    missing = [run.label for run in runs if run.logits is None]
-    if missing:
-        parts.append(f"No logits_best.pt (left out of the reliability diagrams and dark "
-                     f"knowledge): {', '.join(missing)}.")
+    if skipped:
+        parts.append("Left out:\n\n" + "\n".join(f"- {line}" for line in skipped))
     parts.append("\n".join(f"![{name}]({name})" for name in figures))
     if masses:
         parts += ["## Dark knowledge of the teacher", DARK_INTRO,
@@ -89,22 +89,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    matplotlib.use("Agg")  # figures are only saved: no display needed
     try:
         if args.latency_runs < 1:
-            raise InputError("--latency_runs must be at least 1")
-        if not args.runs and not any(Path("runs").rglob("log.csv")):
-            raise InputError("no runs found: runs/ holds no folder with a log.csv")
-        runs = load_runs(args.runs or [Path("runs")])
+            raise UserError("--latency_runs must be at least 1")
+        if not args.runs and not Path("runs").is_dir():
+            raise UserError("no runs found: no RUN_DIR given and no runs/ folder here")
+        runs, skipped = load_runs(args.runs or [Path("runs")])
+        masses, unknown_superclasses = teacher_masses(runs)
+        skipped += unknown_superclasses
+        for line in skipped:
+            say(f"warning: {line}")
+        if not runs:
+            raise UserError("no run can be reported (see the warnings above)")
         groups = group_runs(runs)
-        masses = teacher_masses(runs)
         args.out.mkdir(parents=True, exist_ok=True)
         costs = model_costs([run.config for run in runs], args.out / "cost_cache.json",
                             args.latency_runs) if args.cost else None
         figures = write_figures(runs, groups, masses, args.out)
-        text = report(runs, groups, costs, masses, figures, args.latency_runs)
+        text = report(groups, costs, masses, figures, args.latency_runs, skipped)
         (args.out / "results.md").write_text(text)
-    except (InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        say(f"error: {e}")
         sys.exit(2)
     print(text, end="")
 

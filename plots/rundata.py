@@ -1,5 +1,10 @@
 """Run folders: finding them, naming them, and reading config.json, log.csv, summary.json and the
-test logits in logits_best.pt. Anything unreadable raises InputError."""
+test logits in logits_best.pt.
+
+A problem with one run never stops the report: the run is read as far as it can be, and each
+part left out is named in a line 'what: run (why)'. Only bad arguments raise UserError.
+"""
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -8,14 +13,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-TEACHER_ARCH = "resnet50"
+from kd.errors import UserError
+from kd.models import TEACHER_ARCH
+
 REQUIRED_COLUMNS = ["epoch", "lr", "train_loss", "test_top1", "test_top5", "epoch_time_s"]
-SUMMARY_KEYS = ["best_test_top1", "best_test_top5", "best_epoch", "last_test_top1",
-                "last_test_top5", "epochs", "total_time_s"]
-
-
-class InputError(Exception):
-    """Bad input the user can fix; main() prints it as one line and exits with code 2."""
+RUN_MARKERS = ("config.json", "log.csv")  # config.json from a run's start, log.csv after epoch 1
 
 
 @dataclass
@@ -23,9 +25,9 @@ class Run:
     label: str  # the folder's path relative to the common root of all runs
     folder: Path
     config: dict
-    log: pd.DataFrame
-    summary: dict | None  # None while the run is unfinished
-    logits: dict | None  # test split of logits_best.pt (float32); None if the file is missing
+    log: pd.DataFrame  # at least one row
+    summary: dict | None  # None while the run is unfinished; has integer epochs and best_epoch
+    logits: dict | None  # test split of logits_best.pt, all finite; None if missing or unusable
 
     @property
     def arch(self) -> str:
@@ -44,16 +46,22 @@ class Run:
         return "teacher" if self.is_teacher else "KD student" if self.is_kd else "student"
 
 
+def is_run_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in RUN_MARKERS)
+
+
 def find_run_folders(paths: list[Path]) -> list[Path]:
-    """Each path that is a run folder (holds log.csv), else every run folder below it; once each."""
+    """Each path that is a run folder (holds config.json or log.csv), else every run folder below
+    it; once each."""
     found: dict[Path, Path] = {}
     for path in paths:
         if not path.is_dir():
-            raise InputError(f"{path} is not a folder")
-        runs = [path] if (path / "log.csv").is_file() else \
-            sorted(p.parent for p in path.rglob("log.csv") if p.is_file())
+            raise UserError(f"{path} is not a folder")
+        runs = [path] if is_run_folder(path) else sorted(
+            {p.parent for name in RUN_MARKERS for p in path.rglob(name) if p.is_file()})
         if not runs:
-            raise InputError(f"{path} is not a run folder and holds none (no log.csv below it)")
+            raise UserError(f"{path} is not a run folder and holds none (no config.json or "
+                            f"log.csv below it)")
         for run in runs:
             found.setdefault(run.resolve(), run)
     return list(found.values())
@@ -67,73 +75,117 @@ def run_labels(folders: list[Path]) -> list[str]:
     return [f.relative_to(root).as_posix() for f in resolved]
 
 
-def read_json(path: Path) -> dict | None:
-    """The JSON object in path, or None if the file does not exist."""
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in path, None), (None, why it is unusable), or (None, None) if missing."""
     if not path.exists():
-        return None
+        return None, None
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path} does not hold a JSON object")
-    return obj
+        return None, f"cannot read {path.name}: {e}"
+    return (obj, None) if isinstance(obj, dict) else (None, f"{path.name} holds no JSON object")
 
 
-def read_log(path: Path) -> pd.DataFrame:
-    """log.csv as a numeric DataFrame with at least one row and the REQUIRED_COLUMNS."""
+def read_log(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """log.csv's complete rows as numbers (at least one, with the REQUIRED_COLUMNS) and why some
+    rows were dropped, or None and why there are none.
+
+    The training scripts end every row with a newline, so a last line without one was cut off
+    mid-write; it is dropped, as is any row with a missing or non-numeric value ('nan' and 'inf'
+    are numbers: a diverged run logs them).
+    """
     try:
-        log = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in log.columns]
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, "no log.csv"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot read log.csv: {e}"
+    try:
+        cells = pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]), dtype=str,
+                            keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return None, "log.csv is empty"
+    except pd.errors.ParserError as e:
+        return None, f"cannot read log.csv: {e}"
+    missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
     if missing:
-        raise InputError(f"{path} lacks the columns {', '.join(missing)}")
+        return None, f"log.csv lacks the columns {', '.join(missing)}"
+    log = cells.apply(pd.to_numeric, errors="coerce")
+    complete = (log.notna() | cells.isin(["nan", "NaN"])).all(axis=1) & log["epoch"].notna()
+    log = log[complete].reset_index(drop=True)
+    dropped = len(cells) - len(log) + (not text.endswith("\n"))
     if log.empty:
-        raise InputError(f"{path} has no epochs yet")
-    try:
-        return log.apply(pd.to_numeric)
-    except ValueError as e:
-        raise InputError(f"{path} has a non-numeric value: {e}") from None
+        return None, "log.csv has no complete epoch row yet"
+    return log, f"{dropped} cut off or not numeric" if dropped else None
 
 
-def read_test_logits(path: Path) -> dict | None:
-    """{'logits' [N, C] float32, 'labels' [N], 'coarse_labels' [N]} of the test split; None if
-    the file does not exist."""
+def read_test_logits(path: Path) -> tuple[dict | None, str | None]:
+    """({'logits' [N, C] float32, 'labels' [N], 'coarse_labels' [N]} of the test split, None), or
+    (None, why the file cannot be used)."""
     if not path.exists():
-        return None
+        return None, "no logits_best.pt"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling fails in many ways; all mean the same to the user
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"cannot read {path} with torch.load ({type(e).__name__}: "
-                         f"{reason[:150]})") from None
+        return None, f"cannot read logits_best.pt with torch.load ({type(e).__name__}: " \
+                     f"{reason[:150]})"
     test = blob.get("test") if isinstance(blob, dict) else None
     if not isinstance(test, dict) or not all(
             isinstance(test.get(k), torch.Tensor) for k in ("logits", "labels", "coarse_labels")):
-        raise InputError(f"{path} has no test logits, labels and coarse_labels")
+        return None, "logits_best.pt has no test logits, labels and coarse_labels"
     logits, labels = test["logits"].float(), test["labels"].long()
     rows = logits.shape[:1]
     if logits.ndim != 2 or labels.shape != rows or test["coarse_labels"].shape != rows:
-        raise InputError(f"{path}: the test logits must be [N, classes], with N labels and "
-                         f"N coarse labels")
+        return None, "logits_best.pt: the test logits must be [N, classes], with N labels and " \
+                     "N coarse labels"
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise InputError(f"{path}: no test images, or labels outside 0..{logits.shape[1] - 1}")
-    return {"logits": logits, "labels": labels, "coarse_labels": test["coarse_labels"].long()}
+        return None, f"logits_best.pt: no test images, or labels outside 0..{logits.shape[1] - 1}"
+    bad_rows = (~logits.isfinite()).any(dim=1).sum().item()
+    if bad_rows:
+        return None, f"logits_best.pt has non-finite logits in {bad_rows} of {len(labels)} rows"
+    return {"logits": logits, "labels": labels, "coarse_labels": test["coarse_labels"].long()}, None
 
 
-def load_run(folder: Path, label: str) -> Run:
-    summary = read_json(folder / "summary.json")
-    missing = [k for k in SUMMARY_KEYS if summary is not None and k not in summary]
-    if missing:
-        raise InputError(f"{folder / 'summary.json'} lacks the keys {', '.join(missing)}")
-    return Run(label=label, folder=folder, config=read_json(folder / "config.json") or {},
-               log=read_log(folder / "log.csv"), summary=summary,
-               logits=read_test_logits(folder / "logits_best.pt"))
+def load_run(folder: Path, label: str) -> tuple[Run | None, list[str]]:
+    """The run as far as it can be read (None without a usable log.csv), and what was skipped."""
+    skipped = []
+    skip = lambda what, why: skipped.append(f"{what}: {label} ({' '.join(why.split())})")
+    log, why = read_log(folder / "log.csv")
+    if log is None:
+        skip("left out of the report", why)
+        return None, skipped
+    if why:
+        skip("log.csv rows left out", why)
+    config, why = read_json(folder / "config.json")
+    if why:
+        skip("config.json not used", why)
+    summary, why = read_json(folder / "summary.json")
+    if summary is not None and not all(isinstance(summary.get(k), int)
+                                       for k in ("epochs", "best_epoch")):
+        summary, why = None, "summary.json lacks the integers epochs and best_epoch"
+    if why:
+        skip("summary.json not used, the row is marked unfinished", why)
+    elif summary is not None and summary["best_epoch"] not in log["epoch"].values:
+        skip("best epoch taken from log.csv",
+             f"summary.json's best epoch {summary['best_epoch']} is not in log.csv")
+    logits, why = read_test_logits(folder / "logits_best.pt")
+    run = Run(label=label, folder=folder, config=config or {}, log=log, summary=summary,
+              logits=logits)
+    if why:
+        skip("left out of the reliability diagrams" +
+             (" and dark knowledge" if run.is_teacher else ""), why)
+    return run, skipped
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
-    """The runs in or below paths: teachers first, then baseline students, then KD students."""
+def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """The runs in or below paths (teachers first, then baseline students, then KD students) and
+    what was skipped, one line per item."""
     folders = find_run_folders(paths)
-    runs = [load_run(f, label) for f, label in zip(folders, run_labels(folders))]
-    return sorted(runs, key=lambda r: (not r.is_teacher, r.is_kd, r.label))
+    runs, skipped = [], []
+    for folder, label in zip(folders, run_labels(folders)):
+        run, run_skipped = load_run(folder, label)
+        if run is not None:
+            runs.append(run)
+        skipped += run_skipped
+    return sorted(runs, key=lambda r: (not r.is_teacher, r.is_kd, r.label)), skipped

@@ -12,7 +12,7 @@ METRIC_COLUMNS = [  # (header, run_record key, decimals); metrics on the test sp
     ("best ECE %", "best_ece", 2), ("last ECE %", "last_ece", 2),
     ("best super top-1", "best_super_top1", 2), ("last super top-1", "last_super_top1", 2),
     ("best agree", "best_agree", 2), ("last agree", "last_agree", 2),
-    ("time (min)", "time_min", 1),
+    ("train time (min)", "train_time_min", 1),
 ]
 HEADER = ["run", "role", "arch", "n", "seeds", "epochs", "best by", "best epoch",
           *(header for header, _, _ in METRIC_COLUMNS)]

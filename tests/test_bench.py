@@ -5,16 +5,19 @@ Only the presence and sign of the numbers are checked; their values depend on th
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).parents[1]
+import pytest
 
+from conftest import REPO
+import kd.bench
+import kd.train
 
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kd.bench", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_reports_every_stage(tmp_path):
     out = tmp_path / "bench.json"
     result = bench("--quick", "--device", "cpu", "--images", "512", "--batch_size", "64", "--json", str(out))
@@ -36,6 +39,17 @@ def test_quick_cpu_run_reports_every_stage(tmp_path):
     assert "kd_t32" in result.stdout and "DeviceLoader" in result.stdout
 
 
-def test_autocast_dtypes_are_refused_on_cpu():
-    result = bench("--device", "cpu", "--dtypes", "bf16")
-    assert result.returncode == 2 and "fp32" in result.stderr
+def test_autocast_dtypes_are_refused_on_cpu(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        kd.bench.main(["--device", "cpu", "--dtypes", "bf16"])
+    assert exit_info.value.code == 2 and "fp32" in capsys.readouterr().err
+
+
+def test_defaults_are_the_training_settings():
+    args = kd.bench.parse_args([])
+    kd.bench.fill_defaults(args, cuda=False)
+    assert (args.channels_last, args.compile, args.dtypes) == ("on", "off", ["fp32"])
+    assert args.cudnn_benchmark is kd.train.CUDNN_BENCHMARK is True
+    assert kd.bench.variants(args)[0].memory_format == kd.train.MEMORY_FORMAT
+    kd.bench.fill_defaults(args := kd.bench.parse_args([]), cuda=True)
+    assert args.dtypes == ["bf16"]  # the scripts' --amp_dtype

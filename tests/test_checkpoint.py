@@ -3,8 +3,10 @@ import os
 
 import pytest
 import torch
+from torchvision.models import resnet50
 
-from conftest import RunsCode
+import kd.evaluate
+from conftest import RunsCode, assert_one_line_error, run_in_process
 from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from kd.errors import UserError
 from kd.logger import CSVLogger
@@ -51,7 +53,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
 def test_student_checkpoint_is_refused_as_teacher(tmp_path):
     save_checkpoint(str(tmp_path / "s.pt"), {"model": build_student().state_dict(),
                                               "config": {"arch": "mobilenet_v3_small"}})
-    with pytest.raises(UserError, match="mobilenet_v3_small checkpoint"):
+    with pytest.raises(UserError, match="not a resnet50 checkpoint.*mobilenet_v3_small"):
         load_teacher(str(tmp_path / "s.pt"))
 
 
@@ -64,12 +66,13 @@ def test_garbage_checkpoint_is_a_user_error(tmp_path, content):
 
 def test_csv_logger_writes_flushed_rows_and_trims_on_resume(tmp_path):
     path = str(tmp_path / "log.csv")
-    log = CSVLogger(path, ["epoch", "loss"])
+    log = CSVLogger(path)
+    assert not os.path.exists(path)  # the header is the first row's keys
     for epoch in (1, 2, 3):
         log.log({"epoch": epoch, "loss": 1.0 / epoch})
         assert len(list(csv.DictReader(open(path)))) == epoch  # readable before close
     log.close()
-    log = CSVLogger(path, ["epoch", "loss"], keep_epochs=2)  # epoch 3 was never checkpointed
+    log = CSVLogger(path, keep_epochs=2)  # epoch 3 was never checkpointed
     log.log({"epoch": 3, "loss": 0.25})
     log.close()
     rows = list(csv.DictReader(open(path)))
@@ -84,3 +87,37 @@ def test_teacher_with_another_number_of_classes_is_refused(tmp_path):
                                                "config": {"arch": "resnet50", "img_size": 32}})
     with pytest.raises(UserError, match="does not fit a 100-class resnet50"):
         load_teacher(str(tmp_path / "t10.pt"))
+
+
+def foreign_files(folder) -> dict[str, str]:
+    """Checkpoints this repo did not write, or wrote for something else, by what is wrong."""
+    files = {
+        "torchvision state dict": resnet50().state_dict(),
+        "config without arch": {"model": build_student().state_dict(), "config": {"stem": "cifar"}},
+        "student config without stem": {"model": build_student().state_dict(),
+                                        "config": {"arch": "mobilenet_v3_small"}},
+        "teacher config without img_size": {"model": {}, "config": {"arch": "resnet50"}},
+        "weights of the wrong shapes": {"model": {"fc.weight": torch.zeros(3)},
+                                        "config": {"arch": "mobilenet_v3_small", "stem": "cifar"}},
+        "model not a state dict": {"model": 3, "config": {"arch": "mobilenet_v3_small",
+                                                          "stem": "cifar"}},
+        "config not a dict": {"model": {}, "config": [1, 2]},
+    }
+    paths = {}
+    for i, (what, content) in enumerate(files.items()):
+        paths[what] = str(folder / f"foreign{i}.pt")
+        torch.save(content, paths[what])
+    return paths
+
+
+@pytest.mark.parametrize("entry", ["kd.evaluate", "--teacher_ckpt"])
+def test_foreign_checkpoints_are_one_line(entry, fake_data, tmp_path, monkeypatch, capsys):
+    for what, path in foreign_files(tmp_path).items():
+        if entry == "kd.evaluate":
+            argv = [path, "--data_dir", fake_data, "--no-download", "--device", "cpu"]
+            result = run_in_process(kd.evaluate.main, argv, monkeypatch, capsys)
+        else:
+            argv = ["--teacher_ckpt", path, "--out_dir", tmp_path / "kd", "--data_dir", fake_data,
+                    "--no-download", "--device", "cpu"]
+            result = run_in_process("distill_student.py", argv, monkeypatch, capsys)
+        assert_one_line_error(result, path)

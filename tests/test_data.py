@@ -61,7 +61,7 @@ def unnormalize(loader, x):
 
 def test_train_batches_are_crops_and_flips_of_the_padded_image():
     split = tiny_split()
-    loader = DeviceLoader(split, batch_size=5, train=True, device="cpu", seed=1)
+    loader = DeviceLoader(split, batch_size=5, device="cpu", train=True, seed=1)
     padded = torch.nn.functional.pad(split.images, (PAD,) * 4)
     found_flip = False
     for x, y, coarse in loader:
@@ -81,7 +81,7 @@ def test_train_batches_are_crops_and_flips_of_the_padded_image():
 def test_augmentation_draws_per_image_and_is_seeded():
     split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8) + 200, torch.zeros(64, dtype=torch.int64),
                   torch.zeros(64, dtype=torch.int64), [])
-    batches = lambda seed, epoch: _epoch(DeviceLoader(split, 64, True, "cpu", seed), epoch)
+    batches = lambda seed, epoch: _epoch(DeviceLoader(split, 64, "cpu", train=True, seed=seed), epoch)
     x = batches(0, 1)
     border_rows = (x[:, 0] < 0).sum(dim=(1, 2))  # zero padding shows up as negative values
     assert len(set(border_rows.tolist())) > 3, "every image should get its own crop"
@@ -97,7 +97,7 @@ def _epoch(loader, epoch):
 
 def test_train_drops_last_partial_batch_and_shuffles(fake_data):
     split = load_split(fake_data, train=True)
-    loader = DeviceLoader(split, 64, True, "cpu", seed=0)
+    loader = DeviceLoader(split, 64, "cpu", train=True, seed=0)
     labels = [y for _, y, _ in loader]
     assert len(loader) == len(labels) == 300 // 64
     assert all(len(y) == 64 for y in labels)
@@ -106,7 +106,7 @@ def test_train_drops_last_partial_batch_and_shuffles(fake_data):
 
 def test_eval_sees_every_image_once_in_order(fake_data):
     split = load_split(fake_data, train=False)
-    loader = DeviceLoader(split, 32, False, "cpu")
+    loader = DeviceLoader(split, 32, "cpu", train=False)
     xs, ys = zip(*[(x, y) for x, y, _ in loader])
     assert len(loader) == len(xs) == 4 and len(xs[-1]) == 100 - 96
     assert torch.equal(torch.cat(ys), split.labels)

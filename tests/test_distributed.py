@@ -11,6 +11,8 @@ import torch
 from conftest import REPO
 from kd.evaluate import evaluate_checkpoint
 
+pytestmark = pytest.mark.slow  # torchrun with two processes
+
 COMMON = ["--epochs", "2", "--batch_size", "50", "--eval_batch_size", "32", "--no-download"]
 
 

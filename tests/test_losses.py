@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import kd_loss, kd_loss_terms
+from kd.losses import ce_loss, kd_loss
 
 
 def hand_kd_loss(s, t, y, alpha, T):
@@ -20,27 +20,30 @@ def test_matches_hand_formula(alpha, T):
     g = torch.Generator().manual_seed(int(alpha * 10 + T))
     s, t = torch.randn(16, 100, generator=g) * 3, torch.randn(16, 100, generator=g) * 3
     y = torch.randint(0, 100, (16,), generator=g)
+    total, terms = kd_loss(s, t, y, alpha, T)
     expected = hand_kd_loss(s.double(), t.double(), y, alpha, T)
-    assert torch.allclose(kd_loss(s, t, y, alpha, T).double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(total.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(total, alpha * terms["ce"] + (1 - alpha) * terms["kd"])
 
 
 def test_alpha_one_is_cross_entropy():
     s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
-    assert torch.allclose(kd_loss(s, t, y, 1.0, 4.0), F.cross_entropy(s, y))
+    assert torch.allclose(kd_loss(s, t, y, 1.0, 4.0)[0], F.cross_entropy(s, y))
+    assert torch.equal(ce_loss(s, y)[0], F.cross_entropy(s, y)) and ce_loss(s, y)[1] == {}
 
 
 def test_equal_logits_give_zero_kl():
     s, y = torch.randn(8, 100), torch.randint(0, 100, (8,))
-    _, kd = kd_loss_terms(s, s.clone(), y, 4.0)
-    assert abs(kd.item()) < 1e-6
+    _, terms = kd_loss(s, s.clone(), y, 0.5, 4.0)
+    assert abs(terms["kd"].item()) < 1e-6
 
 
 def test_kd_term_is_T_squared_times_batchmean_kl():
     s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
     T = 3.0
-    _, kd = kd_loss_terms(s, t, y, T)
+    _, terms = kd_loss(s, t, y, 0.5, T)
     kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="sum") / 8
-    assert torch.allclose(kd, T * T * kl, rtol=1e-5)
+    assert torch.allclose(terms["kd"], T * T * kl, rtol=1e-5)
 
 
 def test_gradient_is_T_times_prob_difference():
@@ -48,7 +51,7 @@ def test_gradient_is_T_times_prob_difference():
     B, T = 4, 4.0
     s = torch.randn(B, 100, dtype=torch.float64, requires_grad=True)
     t, y = torch.randn(B, 100, dtype=torch.float64), torch.randint(0, 100, (B,))
-    kd_loss(s, t, y, alpha=0.0, T=T).backward()
+    kd_loss(s, t, y, alpha=0.0, T=T)[0].backward()
     expected = T * (torch.softmax(s / T, 1) - torch.softmax(t / T, 1)) / B
     assert torch.allclose(s.grad, expected.detach(), atol=1e-10)
 
@@ -56,6 +59,7 @@ def test_gradient_is_T_times_prob_difference():
 def test_low_precision_inputs_give_float32_loss():
     s, t = torch.randn(8, 100).bfloat16(), torch.randn(8, 100).bfloat16()
     y = torch.randint(0, 100, (8,))
-    loss = kd_loss(s, t, y, 0.5, 4.0)
-    assert loss.dtype == torch.float32
-    assert torch.allclose(loss, kd_loss(s.float(), t.float(), y, 0.5, 4.0))
+    loss, terms = kd_loss(s, t, y, 0.5, 4.0)
+    assert loss.dtype == terms["ce"].dtype == terms["kd"].dtype == torch.float32
+    assert torch.allclose(loss, kd_loss(s.float(), t.float(), y, 0.5, 4.0)[0])
+    assert ce_loss(s, y)[0].dtype == torch.float32

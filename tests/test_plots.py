@@ -1,6 +1,6 @@
 """plots/plot_runs.py on tiny hand-written run folders in the minimal format of older runs (no
-logits, no calibration columns), run as a subprocess like a user would. tests/test_report.py
-covers the report on runs in the current format."""
+logits, no calibration columns), run in-process; one slow smoke test runs the script like a user
+would. tests/test_report.py covers the report on runs in the current format."""
 import json
 import math
 import subprocess
@@ -44,13 +44,8 @@ def write_run(folder: Path, top1: list[float], arch: str, kd: bool = False,
     return folder
 
 
-def plot(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "plots" / "plot_runs.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
-
-
-def plot_here(capsys, *args: str | Path) -> subprocess.CompletedProcess:
-    """plot() in this process: the same exit code and output, without seconds of imports."""
+def plot(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    """main() in this process, with the exit code and output the script would have."""
     try:
         main(list(map(str, args)))
         code = 0
@@ -78,9 +73,9 @@ def runs(tmp_path: Path) -> list[Path]:
                       "mobilenet_v3_small", finished=False, planned_epochs=5)]
 
 
-def test_plots_and_table(runs: list[Path], tmp_path: Path):
+def test_plots_and_table(runs: list[Path], tmp_path: Path, capsys):
     out = tmp_path / "figs"
-    result = plot(*runs, "--out", out)
+    result = plot(capsys, *runs, "--out", out)
     assert result.returncode == 0, result.stderr
     for name in PNGS:
         data = (out / name).read_bytes()
@@ -93,7 +88,7 @@ def test_plots_and_table(runs: list[Path], tmp_path: Path):
     assert rows["teacher_r50"]["best epoch"] == "4"
     assert rows["teacher_r50"]["last top-1"] == "60.00"
     assert rows["teacher_r50"]["arch"] == "resnet50"
-    assert rows["teacher_r50"]["time (min)"] == "10.0"
+    assert rows["teacher_r50"]["train time (min)"] == "2.5"  # 5 epochs of 30 s, not total_time_s
     assert rows["kd_mnv3"]["best top-1"] == "44.75"
     assert rows["kd_mnv3"]["best top-5"] == "64.75"
     # The unfinished run is computed from log.csv: best is epoch 2, last is epoch 3.
@@ -102,20 +97,26 @@ def test_plots_and_table(runs: list[Path], tmp_path: Path):
         ("22.50", "2", "42.50")
     assert (partial["last top-1"], partial["last top-5"]) == ("19.00", "39.00")
     assert partial["epochs"] == "3/5"
-    assert partial["time (min)"] == "1.5"
+    assert partial["train time (min)"] == "1.5"
     assert partial["status"] == "unfinished"
     assert rows["teacher_r50"]["status"] == rows["kd_mnv3"]["status"] == "done"
     assert rows["teacher_r50"]["best by"] == "test"  # no selected_by, no val_top1 column
     assert rows["kd_mnv3"]["best ECE %"] == "–"  # not logged by older runs
     assert rows["kd_mnv3"]["params (M)"] == "–"  # no stem or img_size in config: unknown model
+    assert result.stderr.splitlines() == [
+        f"warning: left out of the reliability diagrams{dk}: {name} (no logits_best.pt)"
+        for name, dk in [("teacher_r50", " and dark knowledge"), ("kd_mnv3", ""),
+                         ("student_partial", "")]]  # in the order of the arguments
 
 
-def test_defaults_find_runs_and_write_to_plots(runs: list[Path], tmp_path: Path):
-    (tmp_path / "runs" / "not_a_run").mkdir()  # no log.csv: skipped, not an error
+def test_defaults_find_runs_and_write_to_plots(runs: list[Path], tmp_path: Path, capsys,
+                                               monkeypatch):
+    (tmp_path / "runs" / "not_a_run").mkdir()  # no config.json or log.csv: skipped, not an error
     for parent in "ab":  # found below runs/, told apart by their parent folder
         write_run(tmp_path / "runs" / "sweep" / parent / "kd", [1.0, 2.0], "mobilenet_v3_small")
     (tmp_path / "plots").mkdir()
-    result = plot(cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = plot(capsys)
     assert result.returncode == 0, result.stderr
     assert set(table_rows(result.stdout)) == {"teacher_r50", "kd_mnv3", "student_partial",
                                               "sweep/a/kd", "sweep/b/kd"}
@@ -123,29 +124,49 @@ def test_defaults_find_runs_and_write_to_plots(runs: list[Path], tmp_path: Path)
         assert (tmp_path / "plots" / name).read_bytes().startswith(PNG_MAGIC)
 
 
-def assert_user_error(result: subprocess.CompletedProcess, mentions: str) -> None:
+@pytest.mark.slow
+def test_script_runs_from_another_folder(runs: list[Path], tmp_path: Path):
+    """The script as a user runs it, not from the repo root: kd/ and plots/ are installed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(REPO / "plots" / "plot_runs.py"), str(runs[0]),
+                             "--out", "figs", "--no-cost"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (elsewhere / "figs" / "results.md").read_text() == result.stdout
+    assert "| teacher_r50 |" in result.stdout
+
+
+def assert_user_error(result: subprocess.CompletedProcess, mentions: str) -> list[str]:
+    """Exit 2, nothing on stdout, one error line last on stderr; returns the warnings above it."""
     assert result.returncode == 2
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert mentions in result.stderr
+    *warnings, error = result.stderr.strip().splitlines()
+    assert error.startswith("error: ") and mentions in error, result.stderr
+    assert all(line.startswith("warning: ") for line in warnings), result.stderr
+    return warnings
 
 
-def test_folder_without_log_csv(runs: list[Path], tmp_path: Path, capsys):
+def test_folder_without_run(runs: list[Path], tmp_path: Path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    assert_user_error(plot_here(capsys, runs[0], empty, "--out", tmp_path / "figs"), "empty_run")
+    assert_user_error(plot(capsys, runs[0], empty, "--out", tmp_path / "figs"), "empty_run")
 
 
-def test_no_runs_found(tmp_path: Path):
-    assert_user_error(plot(cwd=tmp_path), "no runs found")
+def test_no_runs_found(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert assert_user_error(plot(capsys), "no runs found") == []
 
 
 @pytest.mark.parametrize("content", ["", "epoch,lr\n", ",".join(BASE_COLUMNS) + "\n",
                                      ",".join(BASE_COLUMNS) + "\n1,0.1,x,1,1,1,1,1,1\n"],
                          ids=["empty file", "missing columns", "no rows", "non-numeric"])
-def test_bad_log_csv(tmp_path: Path, content: str, capsys):
+def test_only_run_has_bad_log_csv(tmp_path: Path, content: str, capsys):
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "log.csv").write_text(content)
-    assert_user_error(plot_here(capsys, folder, "--out", tmp_path / "figs"), "log.csv")
+    warnings = assert_user_error(plot(capsys, folder, "--out", tmp_path / "figs"),
+                                 "no run can be reported")
+    assert len(warnings) == 1 and "left out of the report: broken (" in warnings[0] and \
+        "log.csv" in warnings[0]

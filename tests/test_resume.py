@@ -73,6 +73,7 @@ def assert_same_run(folder, reference):
         assert torch.equal(ours[k], theirs[k]), f"{k} differs after resume"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_graceful_stop_then_resume_is_exact(reference, fake_data, tmp_path, sig, code):
     folder = tmp_path / "run"
@@ -85,6 +86,7 @@ def test_graceful_stop_then_resume_is_exact(reference, fake_data, tmp_path, sig,
     assert_same_run(folder, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay_s", [0.0, 0.4])
 def test_sigkill_at_any_point_then_resume_is_exact(reference, fake_data, tmp_path, delay_s):
     folder = tmp_path / "run"
@@ -95,6 +97,7 @@ def test_sigkill_at_any_point_then_resume_is_exact(reference, fake_data, tmp_pat
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # a killed write's leftovers
 
 
+@pytest.mark.slow
 def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path):
     before = (reference / "last.pt").read_bytes()
     cmd = student_cmd(reference, fake_data, "--resume", "--lr", "0.5", "--seed", "3")
@@ -105,6 +108,7 @@ def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path):
     assert (reference / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_continues(reference, fake_data, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -131,6 +135,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_malicious_last_pt_is_refused_on_resume(fake_data, tmp_path):
     folder, marker = tmp_path / "run", tmp_path / "pwned"
     folder.mkdir()

@@ -1,0 +1,116 @@
+"""kd/train.py's epoch and step on generated data: what the step minimises, what it leaves alone."""
+import contextlib
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kd.data import DeviceLoader, Split, load_split
+from kd.errors import UserError
+from kd.losses import ce_loss, kd_loss
+from kd.models import build_student, build_teacher
+from kd.train import make_optimization, predict, train_one_epoch, train_step, warmup_cosine
+
+CPU = torch.device("cpu")
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
+    assert warmup_cosine(0, 0, 100) == pytest.approx(1.0)
+
+
+def optimization(model, steps_per_epoch, warmup_epochs=0.0):
+    args = SimpleNamespace(lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_epochs=warmup_epochs,
+                           epochs=1, amp=True, amp_dtype="bf16")  # amp: ignored on CPU
+    return make_optimization(args, model, steps_per_epoch, CPU)
+
+
+def train_loader(fake_data, batch_size=50, n_images=300):
+    split = load_split(fake_data, train=True)
+    split = Split(split.images[:n_images], split.labels[:n_images],
+                  split.coarse_labels[:n_images], split.classes)
+    return DeviceLoader(split, batch_size, CPU, train=True, seed=0)
+
+
+def test_the_step_minimises_exactly_the_loss_function(fake_data):
+    """train_step's loss is kd_loss of the student's logits and the teacher's, and its update is
+    the SGD step on that loss's gradient."""
+    torch.manual_seed(0)
+    teacher, student = build_teacher(32).eval().requires_grad_(False), build_student()
+    twin = build_student()
+    twin.load_state_dict(student.state_dict())
+    images, labels, _ = next(iter(train_loader(fake_data)))
+    loss_fn = functools.partial(kd_loss, alpha=0.3, T=2.0)
+    calls = []
+    spy = lambda *a: calls.append(a) or loss_fn(*a)
+    torch.manual_seed(1)  # the same dropout mask in both students
+    loss, logits, terms = train_step(student, teacher, spy, optimization(student, 1), images, labels)
+
+    assert len(calls) == 1 and calls[0][2] is labels
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    assert torch.equal(calls[0][1], teacher_logits)
+    twin.train()
+    torch.manual_seed(1)
+    expected, expected_terms = loss_fn(twin(images), teacher_logits, labels)
+    assert torch.equal(loss, expected) and terms.keys() == {"ce", "kd"}
+    assert torch.equal(terms["kd"], expected_terms["kd"])
+    expected.backward()
+    manual = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    manual.step()
+    for (name, ours), theirs in zip(student.named_parameters(), twin.parameters()):
+        assert torch.allclose(ours, theirs, atol=1e-6), name
+
+
+def test_kd_epoch_trains_the_student_and_never_touches_the_teacher(fake_data):
+    teacher, student = build_teacher(32), build_student()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    loader = train_loader(fake_data, batch_size=25, n_images=100)
+    loss_fn = functools.partial(kd_loss, alpha=0.5, T=4.0)
+    stats = train_one_epoch(student, teacher.eval().requires_grad_(False), loss_fn,
+                            optimization(student, len(loader), 2 / len(loader)), loader, 1)
+    for k, v in teacher.state_dict().items():  # weights and BatchNorm running stats alike
+        assert torch.equal(v, teacher_before[k]), k
+    assert not teacher.training
+    bn_mean = "features.0.1.running_mean"
+    assert not torch.equal(student.state_dict()[bn_mean], student_before[bn_mean])
+    assert list(stats) == ["lr", "train_loss", "train_top1", "train_ce", "train_kd",
+                           "epoch_time_s", "train_img_per_s"]
+    assert stats["train_loss"] == pytest.approx(0.5 * stats["train_ce"] + 0.5 * stats["train_kd"],
+                                                rel=1e-4)
+
+
+def test_predict_covers_every_image_in_order(fake_data):
+    split = load_split(fake_data, train=False)
+    model = build_student().eval()
+    logits = predict(model, DeviceLoader(split, 30, CPU, train=False), contextlib.nullcontext)
+    with torch.no_grad():
+        expected = model(DeviceLoader(split, 100, CPU, train=False).normalize(split.images))
+    assert logits.shape == (100, 100) and logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+class NaNAtCall(torch.nn.Module):
+    """A linear classifier whose output turns NaN from its nan_from-th call on."""
+
+    def __init__(self, nan_from: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 100)
+        self.calls, self.nan_from = 0, nan_from
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.nan_from else out
+
+
+def test_nan_loss_stops_with_epoch_and_step(fake_data):
+    model, loader = NaNAtCall(nan_from=3), train_loader(fake_data)
+    with pytest.raises(UserError, match="NaN or infinite at epoch 7, step 3"):
+        train_one_epoch(model, None, ce_loss, optimization(model, len(loader)), loader, epoch=7)
