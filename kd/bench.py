@@ -41,7 +41,7 @@ from kd.checkpoint import write_json
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split
 from kd.distributed import resolve_device
 from kd.errors import UserError, say
-from kd.flags import add_device_flag, base_parser
+from kd.flags import Parser, add_device_flag, base_parser, positive_int
 from kd.losses import ce_loss, kd_loss
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import build_student, build_teacher
@@ -102,27 +102,27 @@ def comma_list(choices: list[str]) -> Callable[[str], list[str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m kd.bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_flag(p)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: fewer images, steps and repeats, the small configs, eager only")
     p.add_argument("--json", metavar="PATH",
                    help="write every result, the device, torch version and flags here "
                         "(rewritten after each row, so a cut-off run keeps what it measured)")
-    p.add_argument("--batch_size", type=int, metavar="N",
+    p.add_argument("--batch_size", type=positive_int, metavar="N",
                    help="training batch size (default 256, the scripts' default)")
-    p.add_argument("--eval_batch_size", type=int, metavar="N",
+    p.add_argument("--eval_batch_size", type=positive_int, metavar="N",
                    help="evaluation batch size (default 1000, as the training scripts; "
                         "256 with --quick on CPU)")
-    p.add_argument("--images", type=int, metavar="N",
+    p.add_argument("--images", type=positive_int, metavar="N",
                    help="generated training images (default 50,000 on CUDA, 10,000 on CPU, 4,096 with "
                         "--quick); the eval split is a fifth of it, in whole eval batches")
-    p.add_argument("--steps", type=int, metavar="N",
+    p.add_argument("--steps", type=positive_int, metavar="N",
                    help="training steps per timed block (default 20 on CUDA, 5 on CPU; 1 with --quick)")
-    p.add_argument("--repeats", type=int, metavar="N",
+    p.add_argument("--repeats", type=positive_int, metavar="N",
                    help="timed blocks; the median is reported (default 5; 3 with --quick)")
-    p.add_argument("--warmup", type=int, metavar="N",
+    p.add_argument("--warmup", type=positive_int, metavar="N",
                    help="untimed warm-up training steps, compilation included (default 5; 1 with "
                         "--quick); data epochs and eval passes always warm up with one")
     p.add_argument("--configs", metavar="LIST", type=comma_list(list(CONFIGS)),
@@ -157,9 +157,6 @@ def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("batch_size", "eval_batch_size", "images", "steps", "repeats", "warmup"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
     if args.images < args.batch_size:
         raise UserError(f"--images {args.images} is fewer than one --batch_size {args.batch_size}")
     if not cuda and args.dtypes != ["fp32"]:

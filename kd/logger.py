@@ -1,4 +1,4 @@
-"""log.csv: one row per finished epoch, flushed as soon as it is written."""
+"""log.csv: one row per finished epoch, the whole file rewritten atomically with each new row."""
 import csv
 import io
 import os
@@ -7,46 +7,23 @@ from kd.checkpoint import atomic_write
 
 
 class CSVLogger:
-    """Appends epoch rows to a CSV file whose header is the keys of the first row.
+    """Epoch rows in a CSV file whose header is the keys of the first row.
 
-    keep_epochs=k (on resume) first rewrites the file, atomically, with only the rows of epochs
-    1..k, so a run killed after logging epoch k+1 but before checkpointing it gets no duplicate rows.
+    keep_epochs=k (on resume) keeps only the rows of epochs 1..k, so a run killed after logging
+    epoch k+1 but before checkpointing it gets no duplicate rows. A crash at any moment leaves
+    the previous complete file (kd.checkpoint.atomic_write); 120 rows take microseconds to write.
     """
 
     def __init__(self, path: str, keep_epochs: int = 0):
-        self.path = path
-        self.columns, rows = self._read(keep_epochs) if keep_epochs else (None, [])
-        if self.columns is None:
-            self.file = self.writer = None
-            return
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-        self._open()
-
-    def _read(self, keep_epochs: int) -> tuple[list[str] | None, list[dict]]:
-        if not os.path.exists(self.path):
-            return None, []
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [row for row in reader if int(row["epoch"]) <= keep_epochs]
-            return reader.fieldnames, rows
-
-    def _open(self) -> None:
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
+        self.path, self.rows = path, []
+        if keep_epochs and os.path.exists(path):
+            with open(path, newline="") as f:
+                self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= keep_epochs]
 
     def log(self, row: dict) -> None:
-        if self.writer is None:  # the first row of a new log
-            self.columns = list(row)
-            atomic_write(self.path, lambda f: f.write((",".join(self.columns) + "\n").encode()))
-            self._open()
-        self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        self.rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()))

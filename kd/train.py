@@ -126,10 +126,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
         val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
               f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)
-    if not main:
-        return state
-    logger.close()
-    return write_summary(out("summary.json"), state, select)
+    return write_summary(out("summary.json"), state, select) if main else state
 
 
 def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loss_fn: LossFn,

@@ -64,20 +64,19 @@ def test_garbage_checkpoint_is_a_user_error(tmp_path, content):
         load_checkpoint(str(tmp_path / "bad.pt"))
 
 
-def test_csv_logger_writes_flushed_rows_and_trims_on_resume(tmp_path):
+def test_csv_logger_writes_whole_rows_and_trims_on_resume(tmp_path):
     path = str(tmp_path / "log.csv")
     log = CSVLogger(path)
     assert not os.path.exists(path)  # the header is the first row's keys
     for epoch in (1, 2, 3):
         log.log({"epoch": epoch, "loss": 1.0 / epoch})
-        assert len(list(csv.DictReader(open(path)))) == epoch  # readable before close
-    log.close()
+        assert len(list(csv.DictReader(open(path)))) == epoch  # on disk at once
     log = CSVLogger(path, keep_epochs=2)  # epoch 3 was never checkpointed
     log.log({"epoch": 3, "loss": 0.25})
-    log.close()
     rows = list(csv.DictReader(open(path)))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert rows[1]["loss"] == "0.5" and rows[2]["loss"] == "0.25"
+    assert os.listdir(tmp_path) == ["log.csv"]
 
 
 def test_teacher_with_another_number_of_classes_is_refused(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import RunsCode
-from kd.data import PAD, DeviceLoader, Split, load_cifar100, load_split
+from kd.data import PAD, DeviceLoader, Split, derive_seed, load_cifar100, load_split
 from kd.errors import UserError
 
 
@@ -111,3 +111,10 @@ def test_eval_sees_every_image_once_in_order(fake_data):
     assert len(loader) == len(xs) == 4 and len(xs[-1]) == 100 - 96
     assert torch.equal(torch.cat(ys), split.labels)
     assert torch.equal(unnormalize(loader, torch.cat(xs)), split.images)
+
+
+def test_every_seed_epoch_and_rank_gets_its_own_stream():
+    seeds = [derive_seed(seed, epoch, rank) for seed in range(3) for epoch in range(1, 50)
+             for rank in (None, 0, 1, 2, 7)]
+    assert len(set(seeds)) == len(seeds)
+    assert derive_seed(3, 5, 1) == derive_seed(3, 5, 1)

@@ -73,6 +73,12 @@ def test_resume_with_another_process_count(ddp_runs, fake_data, tmp_path):
     assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
+def test_a_complete_run_says_so_once(ddp_runs, fake_data):
+    result = torchrun("train_student.py", "--out_dir", str(ddp_runs / "baseline"), "--data_dir",
+                      fake_data, "--resume", *COMMON)
+    assert result.stdout.count("the run is already complete at epoch 2") == 1
+
+
 def test_global_batch_must_divide_over_processes(fake_data, tmp_path):
     result = torchrun("train_student.py", "--out_dir", str(tmp_path / "x"), "--data_dir", fake_data,
                       "--batch_size", "51", "--epochs", "1", "--no-download", check=False)
