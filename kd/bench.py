@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fill_defaults(args: argparse.Namespace, cuda: bool) -> None:
+def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     """Resolve the flags left unset: the full grid on CUDA, small and eager on CPU or with --quick."""
     quick, small_cpu = args.quick, args.quick and not cuda
     defaults = {
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    fill_defaults(args, device.type == "cuda")
+    fill_defaults(args, cuda=device.type == "cuda")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     report = {"device": device_name(device), "device_type": device.type,

@@ -74,7 +74,7 @@ def download_cifar100(root: str) -> None:
                         f"put cifar-100-python/ there by hand")
 
 
-def load_cifar100(root: str, train: bool, download: bool = False
+def load_cifar100(root: str, *, train: bool, download: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Read one split from root/cifar-100-python: uint8 images [N,3,32,32], fine labels [N],
     coarse labels [N] (int64) and the 100 fine class names. Downloads first when asked and missing.
@@ -106,8 +106,8 @@ def load_cifar100(root: str, train: bool, download: bool = False
     return images, labels, coarse, classes
 
 
-def load_split(root: str, train: bool, download: bool = False) -> Split:
-    return Split(*load_cifar100(root, train, download))
+def load_split(root: str, *, train: bool, download: bool = False) -> Split:
+    return Split(*load_cifar100(root, train=train, download=download))
 
 
 def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:

@@ -69,7 +69,7 @@ def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, sync_bn: bool
+def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, *, sync_bn: bool
              ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model to save and evaluate, module to train through): the same module in one process;
     under torchrun the second is its DistributedDataParallel wrapper (SyncBatchNorm if asked)."""

@@ -25,7 +25,8 @@ def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, batch_si
     config = ckpt["config"]
     model.to(device, memory_format=MEMORY_FORMAT)
     test = load_split(data_dir, train=False, download=download)
-    autocast = make_autocast(device, config.get("amp", False), config.get("amp_dtype", "bf16"))
+    autocast = make_autocast(device, amp=config.get("amp", False),
+                             amp_dtype=config.get("amp_dtype", "bf16"))
     logits = predict(model, DeviceLoader(test, batch_size, device, train=False), autocast)
     mapping = fine_to_coarse(test.labels, test.coarse_labels).to(device)
     metrics = split_metrics(logits, test.labels.to(device), test.coarse_labels.to(device), mapping)

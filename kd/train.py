@@ -60,7 +60,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
     config = run_config(args, device, run_info, world)
     train_loader, eval_loaders, class_to_coarse = load_data(args, device, world)
     model, trained = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world, device,
-                              args.sync_bn)  # trained: the DDP wrapper under torchrun
+                              sync_bn=args.sync_bn)  # trained: the DDP wrapper under torchrun
     opt = make_optimization(args, model, len(train_loader), device)
     select = "val_top1" if args.val_size else "test_top1"
     state = {"epoch": 0, "best": {select: -1.0}, "last": {}, "elapsed_s": 0.0}
@@ -225,7 +225,7 @@ def make_optimization(args: argparse.Namespace, model: nn.Module, steps_per_epoc
     warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total))
-    autocast = make_autocast(device, args.amp, args.amp_dtype)
+    autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
     fp16 = autocast is not contextlib.nullcontext and args.amp_dtype == "fp16"
     return Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16),
                         autocast)
@@ -239,7 +239,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_autocast(device: torch.device, amp: bool, amp_dtype: str
+def make_autocast(device: torch.device, *, amp: bool, amp_dtype: str
                   ) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts: bf16/fp16 on CUDA with amp, a no-op otherwise."""
     if device.type != "cuda" or not amp:

@@ -19,8 +19,10 @@ COMMON = ["--epochs", "2", "--batch_size", "50", "--eval_batch_size", "32", "--n
 def torchrun(script, *args, nproc=2, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), str(REPO / script), *args]
+    # if a rank ever aborts again (seen once, never reproduced), print every thread's stack
+    debug = {"PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **debug})
     if check:
         errors = [line for line in result.stderr.splitlines()
                   if any(w in line for w in ("rror", "rank", "terminate", "what()", "bort"))]
