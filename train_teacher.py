@@ -1,4 +1,5 @@
 """Fine-tune an ImageNet-pretrained ResNet-50 on CIFAR-100; 32 px crops are upsampled to --img_size."""
+from kd.distributed import World, local_main_first
 from kd.errors import run_script
 from kd.flags import base_parser, number
 from kd.losses import ce_loss
@@ -17,7 +18,8 @@ def main() -> None:
     args = p.parse_args()
     device = prepare_run(args)
     pretrained = "none" if args.resume else args.pretrained  # resume loads its own weights
-    model = build_teacher(args.img_size, pretrained, None if args.resume else args.weights)
+    with local_main_first(World.from_env(), device):  # one ImageNet download per machine
+        model = build_teacher(args.img_size, pretrained, None if args.resume else args.weights)
     fit(args, model, device, ce_loss, {"arch": TEACHER_ARCH})
 
 

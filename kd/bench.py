@@ -8,15 +8,15 @@
   eval     kd.engine.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
 
 The defaults are what training runs: kd.train's memory format (channels_last) and cuDNN
-autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU), eager. A grid of
-variants, dtype (fp16 with a GradScaler) x channels_last x torch.compile, is asked for with
---dtypes, --channels_last both, --compile both. Images are random uint8, not CIFAR-100:
+autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU); eager, and on CUDA
+also compiled, to show what --compile gains. A grid of variants, dtype (fp16 with a GradScaler)
+x channels_last x torch.compile, is asked for with --dtypes, --channels_last both. Images are random uint8, not CIFAR-100:
 throughput does not depend on pixel values. CUDA time comes from CUDA events around blocks of
 steps (synchronised only at block ends), CPU time from perf_counter; each number is the median
 of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
 
   python -m kd.bench                            # the training settings, every config
-  python -m kd.bench --compile on               # the same, compiled as --compile trains
+  python -m kd.bench --compile off              # eager only
   python -m kd.bench --dtypes bf16,fp16,fp32 --channels_last both --compile both  # 96 rows (long)
   python -m kd.bench --quick --device cpu       # smoke run, under 3 minutes on 2 cores
 """
@@ -131,8 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
                    help="autocast dtypes, comma-separated (default: bf16 on CUDA, fp32 on CPU, "
                         "the only one kd.train.make_autocast gives there: the scripts' defaults)")
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                   help="torch.compile variants (default: off, as the scripts without --compile)")
+    p.add_argument("--compile", choices=["off", "on", "both"],
+                   help="torch.compile variants (default on CUDA: both, to show what --compile "
+                        "gains; on CPU: off, as the scripts without --compile)")
     p.add_argument("--channels_last", choices=["off", "on", "both"], default="on",
                    help="model and input memory format (default: on, kd.train.MEMORY_FORMAT)")
     p.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction,
@@ -153,6 +154,7 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
         "warmup": 1 if quick else 5,
         "configs": CUDA_CONFIGS if cuda and not quick else SMALL_CONFIGS,
         "dtypes": ["bf16"] if cuda else ["fp32"],
+        "compile": "both" if cuda else "off",
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:

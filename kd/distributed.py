@@ -2,6 +2,7 @@
 
 Single-process runs see world_size 1 and every helper here becomes a no-op.
 """
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,8 +80,13 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, *, sync
         if device.type != "cuda":
             raise UserError("--sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    # BatchNorm statistics: kd.train broadcasts rank 0's after each epoch, not at every forward
+    # (newer PyTorch names broadcast_buffers forward_sync_buffers)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    new_name = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True, **no_sync)
     return model, ddp
 
 

@@ -3,6 +3,7 @@
     python -m kd.evaluate runs/student_kd/best.pt [--data_dir ./data] [--json metrics.json]
 """
 import argparse
+import contextlib
 import json
 
 import torch
@@ -17,20 +18,21 @@ from kd.models import load_model
 from kd.train import MEMORY_FORMAT, make_autocast, predict
 
 
-def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, batch_size: int = 1000,
-                        download: bool = True) -> dict:
+def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, *, batch_size: int = 1000,
+                        download: bool = True, amp: bool = True, amp_dtype: str = "bf16") -> dict:
     """Test-set metrics (top-1, top-5, NLL as 'loss', ECE, superclass accuracy) of a checkpoint,
-    under the autocast setting it was trained with, so they match the run's log."""
+    in the precision training evaluates with on `device` (autocast as amp and amp_dtype say on
+    CUDA, float32 on CPU), so they match the log of a run on such a device."""
     model, ckpt = load_model(path)
-    config = ckpt["config"]
     model.to(device, memory_format=MEMORY_FORMAT)
     test = load_split(data_dir, train=False, download=download)
-    autocast = make_autocast(device, amp=config.get("amp", False),
-                             amp_dtype=config.get("amp_dtype", "bf16"))
+    autocast = make_autocast(device, amp=amp, amp_dtype=amp_dtype)
+    precision = "float32" if autocast is contextlib.nullcontext else f"{amp_dtype} autocast"
     logits = predict(model, DeviceLoader(test, batch_size, device, train=False), autocast)
     mapping = fine_to_coarse(test.labels, test.coarse_labels).to(device)
     metrics = split_metrics(logits, test.labels.to(device), test.coarse_labels.to(device), mapping)
-    return {"checkpoint": path, "arch": config["arch"], "epoch": ckpt.get("epoch"),
+    return {"checkpoint": path, "arch": ckpt["config"]["arch"], "epoch": ckpt.get("epoch"),
+            "device": str(device), "precision": precision,
             **{f"test_{k}": v for k, v in metrics.items()}}
 
 
@@ -42,10 +44,16 @@ def main() -> None:
                    help="download CIFAR-100 into --data_dir when it is missing there")
     add_device_flag(p)
     p.add_argument("--batch_size", type=positive_int, default=1000, help="evaluation batch size")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, autocast to --amp_dtype (the classifier head stays float32), "
+                        "as training evaluates; ignored on CPU, which runs float32")
+    p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="autocast dtype on CUDA")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = p.parse_args()
     metrics = evaluate_checkpoint(args.checkpoint, args.data_dir, resolve_device(args.device),
-                                  args.batch_size, args.download)
+                                  batch_size=args.batch_size, download=args.download,
+                                  amp=args.amp, amp_dtype=args.amp_dtype)
     print(json.dumps(metrics, indent=2))
     if args.json:
         write_json(args.json, metrics)

@@ -27,9 +27,27 @@ class Upsampled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.img_size:
+            if torch.is_autocast_enabled(x.device.type):  # interpolate is not on autocast's
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # lists: it would write fp32
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear",
                               align_corners=False, antialias=False)
         return self.net(x)
+
+
+class Float32Linear(nn.Linear):
+    """A classifier head that computes in float32 under autocast, so the logits that losses and
+    metrics see carry no bf16 rounding (steps of 0.125 near 16). Same parameters as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def float32_head(linear: nn.Linear) -> Float32Linear:
+    """The same layer, weights and all, as a Float32Linear (drawing no random numbers)."""
+    head = nn.utils.skip_init(Float32Linear, linear.in_features, linear.out_features)
+    head.load_state_dict(linear.state_dict())
+    return head
 
 
 def imagenet_state_dict(pretrained: str, weights_path: str | None) -> dict | None:
@@ -59,7 +77,7 @@ def build_teacher(img_size: int = 224, pretrained: str = "none", weights_path: s
             net.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as e:
             raise UserError(f"the ImageNet weights do not fit torchvision's resnet50: {str(e)[:200]}")
-    net.fc = nn.Linear(net.fc.in_features, NUM_CLASSES)
+    net.fc = Float32Linear(net.fc.in_features, NUM_CLASSES)
     return Upsampled(net, img_size)
 
 
@@ -76,6 +94,7 @@ def build_student(stem: str = "cifar") -> nn.Module:
         net.features[1].block[0][0].stride = (1, 1)
     elif stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}")
+    net.classifier[-1] = float32_head(net.classifier[-1])
     return net
 
 

@@ -21,7 +21,7 @@ RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "lo
 # --resume, and runs that differ only in these and the seed are seeds of one experiment (plots/).
 EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
                   "per_rank_batch_size", "resume", "overwrite", "out_dir", "data_dir", "download",
-                  "device", "compile", "eval_batch_size", "teacher_ckpt"}
+                  "device", "compile", "eval_batch_size", "save_every", "teacher_ckpt"}
 
 
 def existing_run_files(out_dir: str) -> list[str]:

@@ -92,40 +92,45 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
         trained, loss_fn, eval_model = map(torch.compile, (trained, loss_fn, model))
         teacher = torch.compile(teacher) if teacher is not None else None
     should_stop = agreed_stop(stop_requested, world, device)
+    saved_epoch, clock = state["epoch"], time.perf_counter()  # the epoch last.pt holds
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
-        started = time.perf_counter()
         try:
             row = {"epoch": epoch, **train_one_epoch(trained, teacher, loss_fn, opt, train_loader,
                                                      epoch, should_stop, show_progress=main)}
         except UserError as e:  # a NaN loss: nothing of this epoch is saved
-            raise UserError(f"{e}; {stopped_message(state['epoch'])}") from None
+            raise UserError(f"{e}; {stopped_message(saved_epoch)}") from None
         except StopRequested:
-            raise StopRequested(stopped_message(state["epoch"])) from None
+            raise StopRequested(stopped_message(saved_epoch)) from None
         check_in_sync(model, world)
         broadcast_buffers(model, world)
         logits = predict_splits(eval_model, eval_loaders, opt.autocast, world)
         metrics = eval_metrics(logits, eval_loaders, class_to_coarse, teacher_logits)
         row.update(metrics)
         state["epoch"] = epoch
-        state["elapsed_s"] += time.perf_counter() - started
+        # wall time: training, evaluation and the previous epoch's checkpoint writes
+        state["elapsed_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         state["last"] = {"epoch": epoch, **metrics}
         is_best = row[select] > state["best"][select]
         if is_best:
             state["best"] = state["last"]
+        save_last = epoch % args.save_every == 0 or epoch == args.epochs
+        saved_epoch = epoch if save_last else saved_epoch
         if not main:
             continue
         logger.log(row)
         ckpt = {"model": model.state_dict(), **opt.state_dict(), "config": config, **state}
         logits_blob = logits_record(logits, eval_loaders, epoch, teacher_logits)
         # best before last: a crash in between redoes this epoch on resume and rewrites both
-        for suffix in ("best", "last") if is_best else ("last",):
+        for suffix in ("best",) * is_best + ("last",) * save_last:
             save_checkpoint(out(f"logits_{suffix}.pt"), logits_blob)
             save_checkpoint(out(f"{suffix}.pt"), ckpt)
         val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
               f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)
+    state["elapsed_s"] += time.perf_counter() - clock  # the last checkpoint writes
     return write_summary(out("summary.json"), state, select) if main else state
 
 
@@ -216,19 +221,23 @@ class Optimization:
 
 def make_optimization(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int,
                       device: torch.device) -> Optimization:
-    """SGD with momentum (the fused kernel on CUDA), linear warmup then cosine decay to 0 stepped
-    every iteration, autocast and loss scaling as --amp and --amp_dtype say."""
-    fused = device.type == "cuda"
+    """SGD with momentum, linear warmup then cosine decay to 0 stepped every iteration, autocast
+    and loss scaling as --amp and --amp_dtype say.
+
+    The fused SGD kernel runs on CUDA only without the fp16 gradient scaler: when the scaler skips
+    the first step (an overflow at its initial scale), fused SGD leaves its momentum buffers
+    uninitialised (empty_like) and the next step reads that memory as momentum.
+    """
+    fp16 = device.type == "cuda" and args.amp and args.amp_dtype == "fp16"
+    fused = device.type == "cuda" and not fp16
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, fused=fused,
                                 foreach=None if fused else True)
     warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total))
-    autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
-    fp16 = autocast is not contextlib.nullcontext and args.amp_dtype == "fp16"
     return Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16),
-                        autocast)
+                        make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype))
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

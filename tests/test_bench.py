@@ -52,4 +52,4 @@ def test_defaults_are_the_training_settings():
     assert args.cudnn_benchmark is kd.train.CUDNN_BENCHMARK is True
     assert kd.bench.variants(args)[0].memory_format == kd.train.MEMORY_FORMAT
     kd.bench.fill_defaults(args := kd.bench.parse_args([]), cuda=True)
-    assert args.dtypes == ["bf16"]  # the scripts' --amp_dtype
+    assert args.dtypes == ["bf16"] and args.compile == "both"  # the scripts' --amp_dtype

@@ -51,3 +51,19 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(build_student().state_dict(), tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="do not fit"):
         build_teacher(32, pretrained="imagenet", weights_path=str(tmp_path / "wrong.pth"))
+
+
+def test_classifier_heads_and_upsampling_under_autocast():
+    """The head computes float32 logits under bf16 autocast; the teacher upsamples in bf16."""
+    student, teacher = build_student().eval(), build_teacher(64).eval()
+    seen = []
+    teacher.net.conv1.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].dtype))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = student.classifier[:-1](student.avgpool(student.features(x)).flatten(1))
+        logits = student(x)
+        assert teacher(x).dtype == torch.float32 and seen == [torch.bfloat16]
+    assert logits.dtype == torch.float32
+    head = student.classifier[-1]
+    assert torch.allclose(logits, features.float() @ head.weight.T + head.bias, atol=1e-5)
+    assert list(student.state_dict())[-2:] == ["classifier.3.weight", "classifier.3.bias"]

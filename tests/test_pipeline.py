@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -109,6 +107,7 @@ def test_evaluate_any_checkpoint_matches_the_log(runs, fake_data, tmp_path):
     run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--data_dir", fake_data,
         "--no-download", "--json", str(out))
     metrics = json.load(open(out))
+    assert metrics["precision"] == "float32" and metrics["device"] == "cpu"
     last = list(csv.DictReader(open(runs / "baseline" / "log.csv")))[-1]
     for key in ("test_top1", "test_top5", "test_ece", "test_super_top1"):
         assert metrics[key] == pytest.approx(float(last[key]), abs=1e-2), key
@@ -132,6 +131,23 @@ def test_plot_script_draws_the_runs(runs, tmp_path):
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     for name in ("teacher", "baseline", "kd"):
         assert name in result.stdout
+
+
+def test_existing_run_is_never_overwritten(runs, fake_data):
+    before = {p.name: p.read_bytes() for p in (runs / "baseline").iterdir()}
+    result = run("train_student.py", "--out_dir", str(runs / "baseline"), "--data_dir", fake_data,
+                 *COMMON, check=False)
+    assert_one_line_error(result, "already holds a run", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (runs / "baseline").iterdir()} == before
+
+
+def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsys):
+    before = folder_bytes(runs / "teacher")
+    result = run_in_process("distill_student.py", [
+        "--out_dir", runs / "teacher", "--teacher_ckpt", runs / "teacher" / "best.pt",
+        "--overwrite", "--data_dir", fake_data, *COMMON], monkeypatch, capsys)
+    assert_one_line_error(result, "--overwrite would delete", "best.pt")
+    assert folder_bytes(runs / "teacher") == before
 
 
 @pytest.mark.parametrize("args,phrase", [

@@ -98,6 +98,17 @@ def test_sigkill_at_any_point_then_resume_is_exact(reference, fake_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_save_every_sets_the_resume_point(reference, fake_data, tmp_path):
+    folder = tmp_path / "run"
+    returncode, stderr = start_and_signal(student_cmd(folder, fake_data, "--save_every", "2"),
+                                          signal.SIGINT, 0.0)
+    assert returncode == 130 and "last.pt holds epoch 2" in stderr, stderr
+    assert load_checkpoint(str(folder / "last.pt"))["epoch"] == 2
+    run_to_end(student_cmd(folder, fake_data, "--resume", "--save_every", "2"))
+    assert_same_run(folder, reference)
+
+
+@pytest.mark.slow
 def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path):
     before = (reference / "last.pt").read_bytes()
     cmd = student_cmd(reference, fake_data, "--resume", "--lr", "0.5", "--seed", "3")

@@ -114,3 +114,14 @@ def test_nan_loss_stops_with_epoch_and_step(fake_data):
     model, loader = NaNAtCall(nan_from=3), train_loader(fake_data)
     with pytest.raises(UserError, match="NaN or infinite at epoch 7, step 3"):
         train_one_epoch(model, None, ce_loss, optimization(model, len(loader)), loader, epoch=7)
+
+
+@pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available")
+@pytest.mark.parametrize("amp,amp_dtype,fused", [(True, "fp16", False), (False, "fp16", True)])
+def test_fused_sgd_only_without_the_fp16_scaler(amp, amp_dtype, fused):
+    """Fused SGD leaves its momentum uninitialised when the scaler skips the first step."""
+    args = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0, epochs=1,
+                           amp=amp, amp_dtype=amp_dtype)
+    model = torch.nn.Linear(4, 2)  # CPU parameters: fused SGD exists on CPU too
+    opt = make_optimization(args, model, 10, torch.device("cuda"))  # the decision, not a GPU
+    assert opt.optimizer.defaults["fused"] is fused
