@@ -7,10 +7,15 @@ DATA=data_demo
 OUT=runs/demo
 COMMON=(--data_dir "$DATA" --no-download --device cpu --epochs 5 --batch_size 32 --overwrite)
 
-python -m kd.synthetic --out "$DATA" --train 2500 --test 500
+python -m kd.synthetic --out "$DATA" --train 1000 --test 500
 python train_teacher.py --out_dir "$OUT/teacher" --pretrained none --img_size 32 --lr 0.02 "${COMMON[@]}"
 python train_student.py --out_dir "$OUT/student_baseline" --lr 0.1 "${COMMON[@]}"
 python distill_student.py --out_dir "$OUT/student_kd" --teacher_ckpt "$OUT/teacher/best.pt" \
     --lr 0.1 --alpha 0.5 --T 4 "${COMMON[@]}"
-python plots/plot_runs.py "$OUT/teacher" "$OUT/student_baseline" "$OUT/student_kd" --out "$OUT/plots"
+# the same KD run with the teacher's logits of all 162 views per image cached (built first)
+rm -f "$OUT/teacher_cache.pt"
+python distill_student.py --out_dir "$OUT/student_kd_cached" --teacher_ckpt "$OUT/teacher/best.pt" \
+    --teacher_cache "$OUT/teacher_cache.pt" --lr 0.1 --alpha 0.5 --T 4 "${COMMON[@]}"
+python plots/plot_runs.py "$OUT/teacher" "$OUT/student_baseline" "$OUT/student_kd" \
+    "$OUT/student_kd_cached" --out "$OUT/plots"
 echo "demo done (generated data, not CIFAR-100): report in $OUT/plots/results.md"

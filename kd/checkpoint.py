@@ -69,7 +69,7 @@ def file_sha256(path: str) -> str:
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint written by this repo, refusing anything that is not plain tensors and data."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

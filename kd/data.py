@@ -3,6 +3,7 @@
 The whole split lives on the device as uint8 (50,000 x 3 x 32 x 32 = 154 MB), so there are no
 DataLoader workers, no PIL and no host-device copies inside the training loop.
 """
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -15,24 +16,31 @@ from kd.errors import UserError
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 PAD = 4
+NUM_VIEWS = (2 * PAD + 1) ** 2 * 2  # 162: a crop at one of 9 x 9 offsets, flipped or not
 FOLDER = "cifar-100-python"
 
 
 @dataclass
 class Split:
-    """One CIFAR-100 split: uint8 images [N, 3, 32, 32], int64 fine and coarse labels [N]."""
+    """One CIFAR-100 split: uint8 images [N, 3, 32, 32], int64 fine and coarse labels [N], and
+    each image's position in its file (what the teacher cache is indexed by)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     coarse_labels: torch.Tensor
     classes: list[str]
+    file_index: torch.Tensor | None = None  # None: 0..N-1
+
+    def __post_init__(self):
+        if self.file_index is None:
+            self.file_index = torch.arange(len(self.labels), device=self.labels.device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.images.to(device), self.labels.to(device),
-                     self.coarse_labels.to(device), self.classes)
+                     self.coarse_labels.to(device), self.classes, self.file_index.to(device))
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -129,7 +137,7 @@ def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split]:
         ranks[members] = torch.arange(len(members))
     is_val = ranks < per_class
     pick = lambda mask: Split(split.images[mask], split.labels[mask],
-                              split.coarse_labels[mask], split.classes)
+                              split.coarse_labels[mask], split.classes, split.file_index[mask])
     return pick(~is_val), pick(is_val)
 
 
@@ -138,9 +146,11 @@ def derive_seed(seed: int, epoch: int, rank: int | None = None) -> int:
 
     rank=None: the stream every process shares (data order and augmentation); rank r: that
     process's own stream (dropout). A run's randomness is then a function of where it is, not of
-    its history, so a resumed run, on any number of processes, continues exactly.
+    its history, so a resumed run needs no saved RNG state to continue exactly.
     """
-    return (seed * 1_000_003 + epoch) * 1_009 + (0 if rank is None else rank + 1)
+    if rank is None:
+        return seed * 1_000_003 + epoch
+    return seed * 1_000_003 + epoch * 65_537 + rank
 
 
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -148,18 +158,42 @@ def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * total // world_size, (rank + 1) * total // world_size
 
 
-def augment_indices(n: int, generator: torch.Generator, device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image random crop offsets and flips, as row and column index grids into the padded image.
-
-    rows[i] = dy_i + [0..31]; cols[i] = dx_i + [0..31], reversed when image i is flipped.
-    """
+def draw_views(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random view per image: view = (dy * 9 + dx) * 2 + flip, dy and dx in 0..2*PAD."""
     offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=generator, device=device)
-    flip = torch.randint(0, 2, (n, 1), generator=generator, device=device).bool()
-    ramp = torch.arange(32, device=device)
-    rows = offsets[0, :, None] + ramp
-    cols = offsets[1, :, None] + torch.where(flip, 31 - ramp, ramp)
+    flip = torch.randint(0, 2, (n,), generator=generator, device=device)
+    return (offsets[0] * (2 * PAD + 1) + offsets[1]) * 2 + flip
+
+
+def view_grids(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index grids [n, 32] of each view into the padded 40 x 40 image:
+    rows = dy + 0..31, cols = dx + 0..31, reversed when the view is flipped."""
+    ramp = torch.arange(32, device=views.device)
+    offset, flip = views // 2, (views % 2).bool()[:, None]
+    rows = (offset // (2 * PAD + 1))[:, None] + ramp
+    cols = (offset % (2 * PAD + 1))[:, None] + torch.where(flip, 31 - ramp, ramp)
     return rows, cols
+
+
+def view_pixels(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """The given views of uint8 images [n, 3, 32, 32]: crop of the zero-padded image, then flip."""
+    padded = torch.nn.functional.pad(images, (PAD,) * 4)
+    rows, cols = view_grids(views)
+    n = torch.arange(len(images), device=images.device)[:, None, None]
+    return padded[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1) * 255
+    return 1 / std, -mean / std
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel, as one fused multiply-add, float32."""
+    scale, shift = _scale_and_shift(images_uint8.device)
+    return torch.addcmul(shift, images_uint8.float(), scale)
 
 
 class DeviceLoader:
@@ -169,7 +203,9 @@ class DeviceLoader:
     so a resumed run sees the same batches), per-image random crop from the 4-pixel zero-padded
     image and a random horizontal flip, all in one gather; the last partial batch is dropped.
     Eval mode: every image once, in order. Yields (images float [B,3,32,32] normalised,
-    fine labels [B], coarse labels [B]); images are channels_last in memory.
+    channels_last in memory; fine labels [B]; view keys [B]: file_index * NUM_VIEWS + view, which
+    name the exact view each image is (kd.cache looks the teacher's logits up by them), None in
+    eval mode).
 
     With world_size > 1 (DistributedDataParallel) batch_size is the global batch: every rank
     draws the same permutation and augmentation and takes its own slice of each global batch, so
@@ -192,10 +228,6 @@ class DeviceLoader:
         if train:  # padded once, pixels as rows: a batch is one index_select (shuffle, crop, flip)
             padded = torch.nn.functional.pad(self.split.images, (PAD,) * 4)
             self.pixels = padded.permute(0, 2, 3, 1).reshape(-1, 3)  # [N * 40 * 40, 3]
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(CIFAR100_MEAN, device=self.device).view(shape) * 255
-        self.std = torch.tensor(CIFAR100_STD, device=self.device).view(shape) * 255
-        self.scale, self.shift = 1 / self.std, -self.mean / self.std
 
     def __len__(self) -> int:
         if self.train:
@@ -205,10 +237,6 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std as one fused multiply-add."""
-        return torch.addcmul(self.shift, images_uint8.float(), self.scale)
-
     def __iter__(self):
         return self._train_batches() if self.train else self._eval_batches()
 
@@ -216,19 +244,19 @@ class DeviceLoader:
         self.generator.manual_seed(derive_seed(self.seed, self.epoch))
         n = len(self.split)
         order = torch.randperm(n, generator=self.generator, device=self.device)
-        rows, cols = augment_indices(n, self.generator, self.device)
+        views = draw_views(n, self.generator, self.device)
+        rows, cols = view_grids(views)
         for start in range(0, n - self.global_batch_size + 1, self.global_batch_size):
             first = start + self.rank * self.batch_size
             idx = order[first:first + self.batch_size]
             side = 32 + 2 * PAD
             pixel = (idx[:, None, None] * side + rows[idx][:, :, None]) * side + cols[idx][:, None, :]
             crops = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)
-            images = self.normalize(crops.permute(0, 3, 1, 2))
-            yield images, self.split.labels[idx], self.split.coarse_labels[idx]
+            keys = self.split.file_index[idx] * NUM_VIEWS + views[idx]
+            yield normalize(crops.permute(0, 3, 1, 2)), self.split.labels[idx], keys
 
     def _eval_batches(self):
         images = self.split.images.contiguous(memory_format=torch.channels_last)
         for start in range(*self.shard, self.batch_size):
             end = min(start + self.batch_size, self.shard[1])
-            yield (self.normalize(images[start:end]), self.split.labels[start:end],
-                   self.split.coarse_labels[start:end])
+            yield normalize(images[start:end]), self.split.labels[start:end], None

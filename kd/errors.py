@@ -25,8 +25,9 @@ _received: list[int] = []
 
 
 def is_main_process() -> bool:
-    """Rank 0 under torchrun, or a process not launched by torchrun."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 under torchrun, or a process not launched by torchrun (kd.distributed.World's
+    is_main, which this module cannot import)."""
+    return "WORLD_SIZE" not in os.environ or os.environ.get("RANK") == "0"
 
 
 def say(message: str) -> None:

@@ -19,9 +19,15 @@ class CSVLogger:
         if keep_epochs and os.path.exists(path):
             with open(path, newline="") as f:
                 self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= keep_epochs]
+            self._write()
 
     def log(self, row: dict) -> None:
         self.rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        self._write()
+
+    def _write(self) -> None:
+        if not self.rows:
+            return
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
         writer.writeheader()

@@ -72,7 +72,7 @@ def split_metrics(logits: torch.Tensor, labels: torch.Tensor, coarse_labels: tor
     'loss' is the NLL (mean cross-entropy); with teacher_logits, also 'agree' and 'kl_t_s'.
     """
     metrics = classification_metrics(logits, labels, coarse_labels, class_to_coarse)
-    metrics["loss"] = metrics.pop("nll")
+    metrics = {"loss": metrics.pop("nll"), **metrics}
     if teacher_logits is not None:
         metrics.update(agreement_metrics(logits, teacher_logits))
     values = torch.stack(list(metrics.values())).tolist()

@@ -21,7 +21,8 @@ RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "lo
 # --resume, and runs that differ only in these and the seed are seeds of one experiment (plots/).
 EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
                   "per_rank_batch_size", "resume", "overwrite", "out_dir", "data_dir", "download",
-                  "device", "compile", "eval_batch_size", "save_every", "teacher_ckpt"}
+                  "device", "compile", "eval_batch_size", "save_every", "teacher_ckpt",
+                  "teacher_cache"}
 
 
 def existing_run_files(out_dir: str) -> list[str]:
@@ -38,8 +39,9 @@ def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
     if existing and not (args.resume or args.overwrite):
         raise UserError(f"{args.out_dir} already holds a run ({', '.join(existing)}); "
                         f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
+    deleted = {os.path.abspath(os.path.join(args.out_dir, name)) for name in existing}
     for path in keep:
-        if args.overwrite and os.path.dirname(os.path.abspath(path)) == os.path.abspath(args.out_dir):
+        if args.overwrite and os.path.abspath(path) in deleted:
             raise UserError(f"--overwrite would delete {path}; pick another --out_dir")
 
 

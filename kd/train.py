@@ -33,6 +33,9 @@ from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, 
 MEMORY_FORMAT = torch.channels_last  # the loader's layout; cuDNN's fast depthwise convs need it
 CUDNN_BENCHMARK = True  # static shapes: the fastest kernels are searched for once
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # see kd.losses
+# The teacher's logits of a training batch from (images, view keys): the live teacher's forward,
+# or a kd.cache.TeacherCache lookup
+TeacherLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> torch.device:
@@ -48,11 +51,14 @@ def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> torch.d
 
 
 def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_fn: LossFn,
-        run_info: dict, teacher: nn.Module | None = None) -> dict:
+        run_info: dict, teacher: nn.Module | None = None,
+        teacher_cache: TeacherLogits | None = None) -> dict:
     """Train model to minimise loss_fn as args say, write the run folder, return the summary.
 
     loss_fn(logits, labels), or with a frozen teacher loss_fn(logits, teacher_logits, labels)
     (kd.losses). run_info: what the config records beyond the flags (arch, teacher hash).
+    teacher_cache: the training views' teacher logits come from it and the teacher runs only on
+    the evaluation splits, once.
     """
     world = World.from_env()
     main = world.is_main
@@ -74,7 +80,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
         if state["epoch"] >= args.epochs:
             if main:
                 print(f"{args.out_dir}: the run is already complete at epoch {state['epoch']}")
-            return write_summary(out("summary.json"), state, select) if main else state
+            return write_summary(out("summary.json"), state, select, config) if main else state
     if main:
         reset_out_dir(args)
         write_json(out("config.json"), config)
@@ -90,15 +96,18 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
     eval_model = model
     if args.compile:  # graphs for the trained model, the loss, the teacher, the eval model
         trained, loss_fn, eval_model = map(torch.compile, (trained, loss_fn, model))
-        teacher = torch.compile(teacher) if teacher is not None else None
+    training_teacher = teacher_cache  # where the training views' teacher logits come from
+    if teacher is not None and teacher_cache is None:
+        online = torch.compile(teacher) if args.compile else teacher
+        training_teacher = lambda images, views: online(images)
     should_stop = agreed_stop(stop_requested, world, device)
     saved_epoch, clock = state["epoch"], time.perf_counter()  # the epoch last.pt holds
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
         try:
-            row = {"epoch": epoch, **train_one_epoch(trained, teacher, loss_fn, opt, train_loader,
-                                                     epoch, should_stop, show_progress=main)}
+            stats = train_one_epoch(trained, training_teacher, loss_fn, opt, train_loader, epoch,
+                                    should_stop, show_progress=main)
         except UserError as e:  # a NaN loss: nothing of this epoch is saved
             raise UserError(f"{e}; {stopped_message(saved_epoch)}") from None
         except StopRequested:
@@ -107,7 +116,8 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
         broadcast_buffers(model, world)
         logits = predict_splits(eval_model, eval_loaders, opt.autocast, world)
         metrics = eval_metrics(logits, eval_loaders, class_to_coarse, teacher_logits)
-        row.update(metrics)
+        timing = {k: stats.pop(k) for k in ("epoch_time_s", "train_img_per_s")}
+        row = {"epoch": epoch, **stats, **metrics, **timing}  # log.csv's column order
         state["epoch"] = epoch
         # wall time: training, evaluation and the previous epoch's checkpoint writes
         state["elapsed_s"] += time.perf_counter() - clock
@@ -131,10 +141,10 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
         print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
               f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)
     state["elapsed_s"] += time.perf_counter() - clock  # the last checkpoint writes
-    return write_summary(out("summary.json"), state, select) if main else state
+    return write_summary(out("summary.json"), state, select, config) if main else state
 
 
-def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loss_fn: LossFn,
+def train_one_epoch(model: nn.Module, teacher: TeacherLogits | None, loss_fn: LossFn,
                     opt: "Optimization", loader: DeviceLoader, epoch: int,
                     should_stop: Callable[[], bool] = lambda: False, *, show_progress: bool = True,
                     refresh_every: int = 25) -> dict:
@@ -146,11 +156,11 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loss_fn: LossFn
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not show_progress)
     start = time.perf_counter()
-    for step, (images, labels, _) in enumerate(bar):
+    for step, (images, labels, views) in enumerate(bar):
         if should_stop():
             raise StopRequested
         lr = opt.optimizer.param_groups[0]["lr"]
-        loss, logits, terms = train_step(model, teacher, loss_fn, opt, images, labels)
+        loss, logits, terms = train_step(model, teacher, loss_fn, opt, images, labels, views)
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).float().mean()
             sums = sums + torch.stack([loss, correct, *terms.values()])
@@ -178,17 +188,18 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
         raise UserError(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}")
 
 
-def train_step(model: nn.Module, teacher: nn.Module | None, loss_fn: LossFn,
-               opt: "Optimization", images: torch.Tensor, labels: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One SGD step; returns the loss, the logits and the named loss terms, still on the device."""
+def train_step(model: nn.Module, teacher: TeacherLogits | None, loss_fn: LossFn,
+               opt: "Optimization", images: torch.Tensor, labels: torch.Tensor,
+               views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One SGD step; returns the loss, the logits and the named loss terms, still on the device.
+    views: the loader's view keys of the batch, for a teacher cache."""
     with opt.autocast():
         logits = model(images)
         if teacher is None:
             loss, terms = loss_fn(logits, labels)
         else:
             with torch.inference_mode():
-                teacher_logits = teacher(images)
+                teacher_logits = teacher(images, views)
             loss, terms = loss_fn(logits, teacher_logits.clone(), labels)  # clone: autograd-usable
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
@@ -327,9 +338,10 @@ def logits_record(logits: dict, loaders: dict, epoch: int, teacher_logits: dict)
     return blob
 
 
-def write_summary(path: str, state: dict, select: str) -> dict:
+def write_summary(path: str, state: dict, select: str, config: dict) -> dict:
     best, last = state["best"], state["last"]
-    summary = {"selected_by": select, "best_epoch": best["epoch"],
+    teacher = {k: config[k] for k in ("teacher_logits", "teacher_cache_sha256") if k in config}
+    summary = {"selected_by": select, **teacher, "best_epoch": best["epoch"],
                "best_test_top1": best["test_top1"], "best_test_top5": best["test_top5"],
                "last_test_top1": last["test_top1"], "last_test_top5": last["test_top5"],
                "epochs": state["epoch"], "total_time_s": state["elapsed_s"],

@@ -30,9 +30,10 @@ def test_quick_cpu_run_reports_every_stage(tmp_path):
     assert data["ratio"] > 0
 
     train = {row["config"]: row for row in report["train"]}
-    assert set(train) == {"teacher_32", "student_ce", "kd_t32"}
+    assert set(train) == {"teacher_32", "student_ce", "kd_t32", "kd_cached"}
+    assert train["kd_cached"]["vs_student_ce"] > 0 and report["cache_build"]["views_per_s"] > 0
     assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
-    for name in ("student_ce", "kd_t32"):
+    for name in ("student_ce", "kd_t32", "kd_cached"):
         assert train[name]["loader_img_per_s"] > 0 and "input_cost_pct" in train[name]
     assert [row["config"] for row in report["eval"]] == ["eval_student"]
     assert report["eval"][0]["img_per_s"] > 0

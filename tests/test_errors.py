@@ -7,8 +7,13 @@ import kd.errors
 from kd.errors import StopRequested, UserError, run_script
 
 
-def ends(raised: Exception, rank: str, monkeypatch, capsys) -> tuple[int, list[str]]:
+def ends(raised: Exception, rank: str, monkeypatch, capsys, world_size: str | None = "2"
+         ) -> tuple[int, list[str]]:
     monkeypatch.setenv("RANK", rank)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(kd.errors.signal, "signal", lambda *a: None)  # keep pytest's Ctrl-C
 
     def main():
@@ -27,3 +32,8 @@ def ends(raised: Exception, rank: str, monkeypatch, capsys) -> tuple[int, list[s
 def test_rank_0_says_why_once_and_the_others_stay_silent(raised, code, line, monkeypatch, capsys):
     assert ends(raised, "0", monkeypatch, capsys) == (code, [line])
     assert ends(raised, "1", monkeypatch, capsys) == (code, [])
+
+
+def test_a_stray_rank_variable_outside_torchrun_silences_nothing(monkeypatch, capsys):
+    assert ends(UserError("bad flag"), "3", monkeypatch, capsys, world_size=None) == \
+        (2, ["error: bad flag"])

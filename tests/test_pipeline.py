@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_in_process
+from kd.checkpoint import file_sha256
 from kd.metrics import fine_to_coarse, split_metrics
+from kd.synthetic import write_fake_cifar100
 
 pytestmark = pytest.mark.slow  # the fixture trains three runs in subprocesses
 
@@ -50,6 +52,11 @@ def test_run_folder_is_complete(runs, name, extra):
     folder = runs / name
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert set(BASE_COLUMNS + extra) <= set(rows[0])
+    header = open(folder / "log.csv").readline().strip().split(",")
+    assert header[:4] == ["epoch", "lr", "train_loss", "train_top1"]
+    assert header[-2:] == ["epoch_time_s", "train_img_per_s"]
+    assert header[header.index("test_loss"):header.index("test_loss") + 6] == [
+        "test_loss", "test_top1", "test_top5", "test_ece", "test_super_top1", "test_err_in_super"]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100 for r in rows)
     config = json.load(open(folder / "config.json"))
@@ -205,3 +212,45 @@ def test_argparse_mistakes_are_one_line(tmp_path):
     result = run("train_student.py", "--out_dir", str(tmp_path / "x"), "--epochz", "3", check=False)
     assert_one_line_error(result, "unrecognized arguments: --epochz")
     assert result.returncode == 2
+
+
+@pytest.fixture(scope="module")
+def cached_and_online(runs, tmp_path_factory):
+    """Two KD runs of one seed on a small dataset, the teacher online and from a cache."""
+    root = tmp_path_factory.mktemp("cache_runs")
+    data = str(root / "data")
+    write_fake_cifar100(data, n_train=40, n_test=20, seed=5)
+    common = ["--data_dir", data, "--teacher_ckpt", str(runs / "teacher" / "best.pt"), "--epochs",
+              "2", "--batch_size", "10", "--eval_batch_size", "20", "--lr", "0.01", "--no-download"]
+    run("distill_student.py", "--out_dir", str(root / "online"), *common)
+    built = run("distill_student.py", "--out_dir", str(root / "cached"), "--teacher_cache",
+                str(root / "cache.pt"), *common)
+    return root, common, built
+
+
+def test_kd_from_the_cache_matches_online_kd(cached_and_online):
+    root, _, built = cached_and_online
+    assert "teacher cache written to" in built.stdout and "GB of torch.float16" in built.stdout
+    online, cached = (list(csv.DictReader(open(root / n / "log.csv"))) for n in ("online", "cached"))
+    assert len(online) == len(cached) == 2
+    for a, b in zip(online, cached):  # the teacher's logits differ only by fp16 storage
+        for column in ("train_loss", "train_ce", "train_kd", "test_loss", "test_kl_t_s"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-3), column
+        assert a["test_top1"] == b["test_top1"] and a["test_agree"] == b["test_agree"]
+    for name, source in (("online", "online"), ("cached", "cache")):
+        config = json.load(open(root / name / "config.json"))
+        summary = json.load(open(root / name / "summary.json"))
+        assert config["teacher_logits"] == summary["teacher_logits"] == source
+    sha = file_sha256(str(root / "cache.pt"))
+    assert json.load(open(root / "cached" / "summary.json"))["teacher_cache_sha256"] == sha
+
+
+def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online):
+    root, common, _ = cached_and_online
+    more = [*common, "--epochs", "3"]  # the last --epochs wins
+    result = run("distill_student.py", "--out_dir", str(root / "online"), "--resume",
+                 "--teacher_cache", str(root / "cache.pt"), *more, check=False)
+    assert_one_line_error(result, "teacher_logits online -> cache")
+    result = run("distill_student.py", "--out_dir", str(root / "cached"), "--resume", *more,
+                 check=False)
+    assert_one_line_error(result, "teacher_logits cache -> online")

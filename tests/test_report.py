@@ -521,3 +521,14 @@ def test_bad_arguments(tmp_path: Path, capsys, monkeypatch, argv: list, mentions
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     assert mentions in run_error(argv + ["--out", tmp_path / "out"], capsys)
+
+
+def test_summary_older_than_the_log_is_not_used(tmp_path: Path, capsys):
+    """A finished run resumed with more --epochs: the old summary.json beside a longer log."""
+    folder = write_run(tmp_path / "runs" / "student", STUDENT, [10.0, 20.0], logits_seed=None)
+    with open(folder / "log.csv", "a") as f:
+        f.write(",".join(map(str, metric_rows([10.0, 20.0, 30.0], False, None)[2].values())) + "\n")
+    text = report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost")
+    row = first_table(text)["student"]
+    assert (row["status"], row["epochs"], row["last top-1"]) == ("unfinished", "3/2", "30.00")
+    assert "summary.json is of epoch 2, log.csv goes on to epoch 3" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kd.data import DeviceLoader, Split, load_split
+from kd.data import DeviceLoader, Split, load_split, normalize
 from kd.errors import UserError
 from kd.losses import ce_loss, kd_loss
 from kd.models import build_student, build_teacher
@@ -44,12 +44,14 @@ def test_the_step_minimises_exactly_the_loss_function(fake_data):
     teacher, student = build_teacher(32).eval().requires_grad_(False), build_student()
     twin = build_student()
     twin.load_state_dict(student.state_dict())
-    images, labels, _ = next(iter(train_loader(fake_data)))
+    images, labels, views = next(iter(train_loader(fake_data)))
     loss_fn = functools.partial(kd_loss, alpha=0.3, T=2.0)
     calls = []
     spy = lambda *a: calls.append(a) or loss_fn(*a)
     torch.manual_seed(1)  # the same dropout mask in both students
-    loss, logits, terms = train_step(student, teacher, spy, optimization(student, 1), images, labels)
+    online = lambda images, views: teacher(images)
+    loss, logits, terms = train_step(student, online, spy, optimization(student, 1), images, labels,
+                                     views)
 
     assert len(calls) == 1 and calls[0][2] is labels
     with torch.no_grad():
@@ -73,7 +75,8 @@ def test_kd_epoch_trains_the_student_and_never_touches_the_teacher(fake_data):
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     loader = train_loader(fake_data, batch_size=25, n_images=100)
     loss_fn = functools.partial(kd_loss, alpha=0.5, T=4.0)
-    stats = train_one_epoch(student, teacher.eval().requires_grad_(False), loss_fn,
+    teacher.eval().requires_grad_(False)
+    stats = train_one_epoch(student, lambda images, views: teacher(images), loss_fn,
                             optimization(student, len(loader), 2 / len(loader)), loader, 1)
     for k, v in teacher.state_dict().items():  # weights and BatchNorm running stats alike
         assert torch.equal(v, teacher_before[k]), k
@@ -91,7 +94,7 @@ def test_predict_covers_every_image_in_order(fake_data):
     model = build_student().eval()
     logits = predict(model, DeviceLoader(split, 30, CPU, train=False), contextlib.nullcontext)
     with torch.no_grad():
-        expected = model(DeviceLoader(split, 100, CPU, train=False).normalize(split.images))
+        expected = model(normalize(split.images))
     assert logits.shape == (100, 100) and logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4)
 
