@@ -447,6 +447,7 @@ def run(argv: list[str] | None = None) -> None:
             print(format_row(row), flush=True)
             save()
     print_cache_ratios(report)
+    save()
 
 
 def print_cache_ratios(report: dict) -> None:

@@ -27,7 +27,7 @@ from kd.data import (CIFAR100_MEAN, CIFAR100_STD, FOLDER, NUM_VIEWS, PAD, Split,
                      normalize, view_pixels)
 from kd.distributed import World, gather_rows, init_world, local_main_first
 from kd.errors import UserError, run_script
-from kd.flags import Parser, add_device_flag
+from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags
 from kd.models import NUM_CLASSES, load_teacher
 from kd.train import MEMORY_FORMAT, make_autocast
 
@@ -190,19 +190,14 @@ def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str, 
 
 
 def main() -> None:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m kd.cache", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
                    help="checkpoint written by train_teacher.py")
     p.add_argument("--out", required=True, help="the cache file to write (must not exist)")
-    p.add_argument("--data_dir", default="./data", help="folder holding cifar-100-python/")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download CIFAR-100 into --data_dir when it is missing there")
+    add_data_flags(p)
     add_device_flag(p)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, run the teacher under autocast to --amp_dtype, as "
-                        "distill_student.py does with the same flags (a cache holds one precision)")
-    p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16",
-                   help="autocast dtype on CUDA")
+    add_precision_flags(p)  # the teacher's, as distill_student.py's same flags: one per cache
     args = p.parse_args()
     if os.path.exists(args.out):
         raise UserError(f"{args.out} exists; delete it or pick another --out")

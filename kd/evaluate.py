@@ -12,7 +12,7 @@ from kd.checkpoint import write_json
 from kd.data import DeviceLoader, load_split
 from kd.distributed import resolve_device
 from kd.errors import run_script
-from kd.flags import Parser, add_device_flag, positive_int
+from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags, positive_int
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import load_model
 from kd.train import MEMORY_FORMAT, make_autocast, predict
@@ -37,18 +37,13 @@ def evaluate_checkpoint(path: str, data_dir: str, device: torch.device, *, batch
 
 
 def main() -> None:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m kd.evaluate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a best.pt or last.pt written by one of the three scripts")
-    p.add_argument("--data_dir", default="./data", help="folder holding cifar-100-python/")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download CIFAR-100 into --data_dir when it is missing there")
+    add_data_flags(p)
     add_device_flag(p)
+    add_precision_flags(p)  # as training evaluates
     p.add_argument("--batch_size", type=positive_int, default=1000, help="evaluation batch size")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, autocast to --amp_dtype (the classifier head stays float32), "
-                        "as training evaluates; ignored on CPU, which runs float32")
-    p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16",
-                   help="autocast dtype on CUDA")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = p.parse_args()
     metrics = evaluate_checkpoint(args.checkpoint, args.data_dir, resolve_device(args.device),

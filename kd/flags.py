@@ -53,22 +53,13 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
                    help="SGD momentum")
     p.add_argument("--warmup_epochs", type=number(float, 0), default=1.0,
                    help="linear learning-rate warmup before the per-step cosine decay")
-    p.add_argument("--data_dir", default="./data",
-                   help="folder holding cifar-100-python/ (downloaded there when missing); "
-                        "its pickles are read, so it must be a folder you trust")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download CIFAR-100 into --data_dir when it is missing there")
+    add_data_flags(p)
     p.add_argument("--val_size", type=number(int, 0), default=0,
                    help="hold out this many training images (class-balanced, seeded) as a "
                         "validation set that picks best.pt; 0: best.pt is picked on the test set")
     add_device_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds weights init, data order, augmentation")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA (autocast to --amp_dtype; the classifier head "
-                        "stays float32); ignored on CPU, which trains in float32")
-    p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16",
-                   help="autocast dtype on CUDA; fp16 adds a gradient scaler, and SGD then runs "
-                        "unfused (fused SGD mishandles a skipped first step)")
+    add_precision_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model, the loss and the KD teacher: fewer kernel "
                         "launches per step, at the cost of compiling first (1-2 min on 2 CPU cores)")
@@ -88,6 +79,23 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
     existing.add_argument("--overwrite", action="store_true",
                           help="replace the run already in --out_dir (it is deleted first)")
     return p
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_dir", default="./data",
+                   help="folder holding cifar-100-python/ (downloaded there when missing); "
+                        "its pickles are read, so it must be a folder you trust")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download CIFAR-100 into --data_dir when it is missing there")
+
+
+def add_precision_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA (autocast to --amp_dtype; the classifier head "
+                        "stays float32); ignored on CPU, which runs float32")
+    p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="autocast dtype on CUDA; in training fp16 adds a gradient scaler, and "
+                        "SGD then runs unfused (fused SGD mishandles a skipped first step)")
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
