@@ -1,16 +1,27 @@
-"""Distill a fine-tuned ResNet-50 teacher into the MobileNetV3-Small student (Hinton et al., 2015).
+"""Distill a fine-tuned ResNet-50 teacher into the MobileNetV3-Small student through its logits.
 
-Loss: alpha * CE(y, p_s) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) (kd.losses).
+--method kd (Hinton et al., 2015; the default):
+    alpha * CE(y, p_s) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))
+--method dkd (Zhao et al., 2022): ce_weight * CE + warm-up * (dkd_alpha * TCKD + dkd_beta * NCKD)
+--method dist (Huang et al., 2022): ce_weight * CE + dist_beta * inter + dist_gamma * intra
+--logit_std (Sun et al., 2024) z-scores both models' logits first, for kd and dkd.
+Formulas and terms: kd/losses.py.
 """
+import argparse
 import functools
+from typing import Callable
+
+import torch
 
 from kd.cache import open_cache
 from kd.checkpoint import file_sha256
 from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser, number, positive_float
-from kd.losses import kd_loss
+from kd.losses import dist_objective, dkd_objective, kd_loss
 from kd.models import STUDENT_ARCH, build_student, load_teacher
-from kd.train import MEMORY_FORMAT, fit, make_autocast, prepare_run
+from kd.train import MEMORY_FORMAT, LossFn, fit, make_autocast, prepare_run
+
+weight = number(float, 0)
 
 
 def main() -> None:
@@ -18,14 +29,35 @@ def main() -> None:
     add_student_flags(p)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
                    help="checkpoint written by train_teacher.py; its --img_size is reused")
-    p.add_argument("--alpha", type=number(float, 0, 1, why=" (it weighs the hard-label CE)"),
-                   default=0.5, help="weight of the hard-label CE; 1 - alpha weighs the T^2-scaled KL")
-    p.add_argument("--T", type=positive_float, default=4.0, help="softmax temperature of both models")
     p.add_argument("--teacher_cache", default=None,
                    help="the teacher's logits of every training view (kd.cache): used when the "
                         "file exists (after checks), built there first when it does not; then no "
-                        "teacher forward runs in training. Default: the teacher runs online")
+                        "teacher forward runs in training. None: the teacher runs online")
+    p.add_argument("--method", choices=["kd", "dkd", "dist"], default="kd",
+                   help="the distillation loss")
+    p.add_argument("--T", type=positive_float, default=4.0,
+                   help="softmax temperature of both models, every method")
+    p.add_argument("--alpha", type=number(float, 0, 1, why=" (it weighs the hard-label CE)"),
+                   default=0.5, help="kd: weight of the hard-label CE; 1 - alpha weighs the "
+                   "T^2-scaled KL")
+    p.add_argument("--logit_std", action="store_true",
+                   help="kd, dkd: standardize each image's logits (mean 0, std 1) before T")
+    p.add_argument("--ce_weight", type=weight, default=1.0,
+                   help="dkd, dist: weight of the hard-label CE")
+    p.add_argument("--dkd_alpha", type=weight, default=1.0,
+                   help="dkd: weight of TCKD")
+    p.add_argument("--dkd_beta", type=weight, default=8.0,
+                   help="dkd: weight of NCKD")
+    p.add_argument("--dkd_warmup", type=number(int, 0), default=20,
+                   help="dkd: epochs over which the distillation weight grows linearly to 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--dist_beta", type=weight, default=2.0,
+                   help="dist: weight of the inter-class relation")
+    p.add_argument("--dist_gamma", type=weight, default=2.0,
+                   help="dist: weight of the intra-class relation")
     args = p.parse_args()
+    if args.logit_std and args.method == "dist":
+        p.error("--logit_std applies to --method kd and dkd")
     device = prepare_run(args, keep=(args.teacher_ckpt, args.teacher_cache or ""))
     teacher = load_teacher(args.teacher_ckpt).to(device, memory_format=MEMORY_FORMAT)
     run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt),
@@ -37,9 +69,24 @@ def main() -> None:
         cache = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir,
                            args.download, device, autocast)
         run_info["teacher_cache_sha256"] = file_sha256(args.teacher_cache)
-    loss_fn = functools.partial(kd_loss, alpha=args.alpha, T=args.T)
-    fit(args, build_student(args.stem), device, loss_fn, run_info, teacher=teacher,
+    fit(args, build_student(args.stem), device, loss_at(args), run_info, teacher=teacher,
         teacher_cache=cache)
+
+
+def loss_at(args: argparse.Namespace) -> Callable[[int], LossFn]:
+    """The loss each epoch minimises, for --method and its flags (kd.losses)."""
+    if args.method == "kd":
+        loss = functools.partial(kd_loss, alpha=args.alpha, T=args.T, logit_std=args.logit_std)
+        return lambda epoch: loss
+    if args.method == "dist":
+        loss = functools.partial(dist_objective, beta=args.dist_beta, gamma=args.dist_gamma,
+                                 T=args.T, ce_weight=args.ce_weight)
+        return lambda epoch: loss
+    warmed_up = lambda epoch: min(epoch / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
+    return lambda epoch: functools.partial(
+        dkd_objective, alpha=args.dkd_alpha, beta=args.dkd_beta, T=args.T,
+        ce_weight=args.ce_weight, distill_weight=torch.tensor(warmed_up(epoch)),
+        logit_std=args.logit_std)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def main() -> None:
     add_student_flags(p)
     args = p.parse_args()
     device = prepare_run(args)
-    fit(args, build_student(args.stem), device, ce_loss, {"arch": STUDENT_ARCH})
+    fit(args, build_student(args.stem), device, lambda epoch: ce_loss, {"arch": STUDENT_ARCH})
 
 
 if __name__ == "__main__":

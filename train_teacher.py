@@ -20,7 +20,7 @@ def main() -> None:
     pretrained = "none" if args.resume else args.pretrained  # resume loads its own weights
     with local_main_first(World.from_env(), device):  # one ImageNet download per machine
         model = build_teacher(args.img_size, pretrained, None if args.resume else args.weights)
-    fit(args, model, device, ce_loss, {"arch": TEACHER_ARCH})
+    fit(args, model, device, lambda epoch: ce_loss, {"arch": TEACHER_ARCH})
 
 
 if __name__ == "__main__":

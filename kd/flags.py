@@ -16,6 +16,10 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help; the script's description as written."""
+
+
 def number(kind: type, low: float, high: float = float("inf"), *, low_open: bool = False,
            high_open: bool = False, why: str = ""):
     """An argparse type: a `kind` (int or float) between low and high, open ends excluded."""
@@ -42,7 +46,7 @@ positive_float = number(float, 0, low_open=True)
 def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int, lr: float
                 ) -> argparse.ArgumentParser:
     """Flags every script shares; the keyword arguments are that script's defaults."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--out_dir", default=out_dir, help="run folder: config, log, checkpoints, summary")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     p.add_argument("--batch_size", type=positive_int, default=batch_size,

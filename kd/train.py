@@ -50,13 +50,15 @@ def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> torch.d
     return device
 
 
-def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_fn: LossFn,
-        run_info: dict, teacher: nn.Module | None = None,
+def fit(args: argparse.Namespace, model: nn.Module, device: torch.device,
+        loss_at: Callable[[int], LossFn], run_info: dict, teacher: nn.Module | None = None,
         teacher_cache: TeacherLogits | None = None) -> dict:
-    """Train model to minimise loss_fn as args say, write the run folder, return the summary.
+    """Train model as args say, write the run folder, return the summary.
 
-    loss_fn(logits, labels), or with a frozen teacher loss_fn(logits, teacher_logits, labels)
-    (kd.losses). run_info: what the config records beyond the flags (arch, teacher hash).
+    loss_at(epoch): the loss function minimised in that epoch (a new one each epoch only for
+    DKD's warm-up), called as loss_fn(logits, labels), or with a frozen teacher as
+    loss_fn(logits, teacher_logits, labels) (kd.losses). run_info: what the config records
+    beyond the flags (arch, teacher hash).
     teacher_cache: the training views' teacher logits come from it and the teacher runs only on
     the evaluation splits, once.
     """
@@ -95,7 +97,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
     logger = CSVLogger(out("log.csv"), keep_epochs=state["epoch"]) if main else None
     eval_model = model
     if args.compile:  # graphs for the trained model, the loss, the teacher, the eval model
-        trained, loss_fn, eval_model = map(torch.compile, (trained, loss_fn, model))
+        trained, eval_model = torch.compile(trained), torch.compile(model)
     training_teacher = teacher_cache  # where the training views' teacher logits come from
     if teacher is not None and teacher_cache is None:
         online = torch.compile(teacher) if args.compile else teacher
@@ -105,6 +107,7 @@ def fit(args: argparse.Namespace, model: nn.Module, device: torch.device, loss_f
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
+        loss_fn = torch.compile(loss_at(epoch)) if args.compile else loss_at(epoch)
         try:
             stats = train_one_epoch(trained, training_teacher, loss_fn, opt, train_loader, epoch,
                                     should_stop, show_progress=main)

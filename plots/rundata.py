@@ -45,6 +45,14 @@ class Run:
     def role(self) -> str:
         return "teacher" if self.is_teacher else "KD student" if self.is_kd else "student"
 
+    @property
+    def method(self) -> str:
+        """What the run minimised: 'ce', or distill_student.py's --method ('kd' for runs from
+        before it), '+logit_std' when it was on."""
+        if not self.is_kd:
+            return "ce"
+        return str(self.config.get("method", "kd")) + "+logit_std" * bool(self.config.get("logit_std"))
+
 
 def is_run_folder(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_MARKERS)

@@ -14,7 +14,7 @@ METRIC_COLUMNS = [  # (header, run_record key, decimals); metrics on the test sp
     ("best agree", "best_agree", 2), ("last agree", "last_agree", 2),
     ("train time (min)", "train_time_min", 1),
 ]
-HEADER = ["run", "role", "arch", "n", "seeds", "epochs", "best by", "best epoch",
+HEADER = ["run", "role", "method", "arch", "n", "seeds", "epochs", "best by", "best epoch",
           *(header for header, _, _ in METRIC_COLUMNS)]
 COST_HEADER = ["params (M)", "MACs (M)"]
 
@@ -47,7 +47,7 @@ def results_row(group: Group, costs: dict | None) -> list[str]:
     records = group_records(group)
     mean, std = records.mean(), records.std(ddof=1)  # the sample std; NaN for a single run
     runs, first = group.runs, group.runs[0]
-    row = [group.label, first.role, first.arch, str(len(runs)),
+    row = [group.label, first.role, first.method, first.arch, str(len(runs)),
            joined([str(r.config.get("seed", "?")) for r in runs]),
            joined([epochs_done(r) for r in runs]),
            joined([selected_by(r).removesuffix("_top1") for r in runs]),

@@ -254,3 +254,19 @@ def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online):
     result = run("distill_student.py", "--out_dir", str(root / "cached"), "--resume", *more,
                  check=False)
     assert_one_line_error(result, "teacher_logits cache -> online")
+
+
+@pytest.mark.parametrize("method,flags,terms", [
+    ("dkd", ["--dkd_warmup", "2"], ["train_ce", "train_tckd", "train_nckd"]),
+    ("dist", [], ["train_ce", "train_inter", "train_intra"]),
+    ("kd", ["--logit_std", "--alpha", "0.1", "--T", "2"], ["train_ce", "train_kd"]),
+])
+def test_every_method_runs_from_the_cache(cached_and_online, method, flags, terms):
+    root, common, _ = cached_and_online
+    folder = root / f"{method}_{len(flags)}"
+    run("distill_student.py", "--out_dir", str(folder), "--teacher_cache", str(root / "cache.pt"),
+        "--method", method, *flags, *common, "--epochs", "1")
+    header = open(folder / "log.csv").readline().strip().split(",")
+    assert header[2:4 + len(terms)] == ["train_loss", "train_top1", *terms]
+    config = json.load(open(folder / "config.json"))
+    assert config["method"] == method and config["teacher_logits"] == "cache"

@@ -138,7 +138,7 @@ def test_results_table_groups_seeds(experiment: Path, tmp_path: Path, capsys):
     assert kd["last ECE %"] == "5.80 ± 0.28"  # 10 - top1 / 10
     assert kd["last super top-1"] == "52.00 ± 2.83"
     assert kd["last agree"] == "62.00 ± 2.83"
-    assert kd["best by"] == "test"
+    assert kd["best by"] == "test" and kd["method"] == "kd" and rows["baseline"]["method"] == "ce"
     baseline = rows["baseline"]  # picked on val: epoch 3, although test top-1 peaks at epoch 2
     assert (baseline["best by"], baseline["best epoch"], baseline["best top-1"]) == \
         ("val", "3", "25.00")
@@ -256,8 +256,9 @@ def test_labels_tell_same_named_runs_apart(tmp_path: Path):
 
 
 @pytest.mark.parametrize("change, finished", [({"lr": 0.2}, True), ({"T": 4.0}, True),
-                                              ({"teacher_sha256": "cd34"}, True), ({}, False)],
-                         ids=["lr", "T", "teacher", "unfinished"])
+                                              ({"teacher_sha256": "cd34"}, True), ({}, False),
+                                              ({"method": "dkd", "logit_std": True}, True)],
+                         ids=["lr", "T", "teacher", "unfinished", "method"])
 def test_runs_that_differ_in_more_than_seed_are_not_grouped(tmp_path: Path, change: dict,
                                                             finished: bool):
     write_run(tmp_path / "runs" / "kd0", KD, [10.0])
@@ -266,6 +267,7 @@ def test_runs_that_differ_in_more_than_seed_are_not_grouped(tmp_path: Path, chan
         (kd1 / "summary.json").unlink()
     rows = first_table(report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost"))
     assert set(rows) == {"kd0", "kd1"} and rows["kd1"]["n"] == "1"
+    assert rows["kd1"]["method"] == ("dkd+logit_std" if "method" in change else "kd")
 
 
 def test_cost_of_student(tmp_path: Path):
