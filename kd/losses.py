@@ -58,14 +58,18 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
 
     p = softmax(z / T); batch means. Per image KL(p_t || p_s) = TCKD + (1 - p_t^y) * NCKD: plain
     KD is alpha = 1, beta = 1 - p_t^y. As mdistiller, q drops the target by subtracting 1000
-    from its logit / T. logit_std: the logits are standardize()d first.
+    from its logit / T. The binary distributions are kept as log-probabilities (log p^y and the
+    logsumexp of the others), so a confident model gives no log(0). logit_std: the logits are
+    standardize()d first.
     """
     s, t = wide(student_logits, teacher_logits)
     s, t = (standardize(s), standardize(t)) if logit_std else (s, t)
     target = F.one_hot(targets, s.shape[1]).bool()
-    p_s, p_t = (s / T).softmax(dim=1), (t / T).softmax(dim=1)
-    binary = lambda p: torch.stack([p[target], p.masked_fill(target, 0).sum(dim=1)], dim=1)
-    tckd = F.kl_div(binary(p_s).log(), binary(p_t), reduction="batchmean") * T * T
+    binary = lambda z: torch.stack([z[target], z.masked_fill(target, -torch.inf).logsumexp(dim=1)],
+                                   dim=1)  # log [p^y, 1 - p^y] from log p
+    log_p_s, log_p_t = F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1)
+    tckd = F.kl_div(binary(log_p_s), binary(log_p_t), reduction="batchmean",
+                    log_target=True) * T * T
     others = lambda z: F.log_softmax(z / T - 1000.0 * target, dim=1)
     nckd = F.kl_div(others(s), others(t), reduction="batchmean", log_target=True) * T * T
     return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}

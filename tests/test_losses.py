@@ -166,3 +166,13 @@ def test_training_objectives_add_the_weighted_ce():
     assert list(terms) == ["ce", "inter", "intra"]
     low = dkd_objective(s.bfloat16(), t.bfloat16(), y, 1.0, 8.0, 4.0, 1.0, 1.0)[0]
     assert low.dtype == torch.float32
+
+
+def test_dkd_stays_finite_for_certain_models():
+    """Softened target probabilities that round to exactly 0 or 1: no log(0)."""
+    s, t, y = logits(7)
+    t = t.float() * 1000
+    s = (s.float() * 1000).requires_grad_()
+    total, _ = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(s.grad).all()
