@@ -9,16 +9,18 @@ Formulas and terms: kd/losses.py.
 """
 import argparse
 import functools
+import os
 from typing import Callable
 
 import torch
 
 from kd.cache import open_cache
-from kd.checkpoint import file_sha256
+from kd.checkpoint import file_sha256, load_checkpoint
 from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser, number, positive_float
 from kd.losses import dist_objective, dkd_objective, kd_loss
 from kd.models import STUDENT_ARCH, build_student, load_teacher
+from kd.rundir import resumed_config
 from kd.train import MEMORY_FORMAT, LossFn, fit, make_autocast, prepare_run
 
 weight = number(float, 0)
@@ -63,6 +65,9 @@ def main() -> None:
     run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt),
                 "teacher_logits": "cache" if args.teacher_cache else "online",
                 "teacher_cache_sha256": None}
+    if args.resume:  # refuse a switch between online and cached teacher logits before any build
+        saved = load_checkpoint(os.path.join(args.out_dir, "last.pt"))["config"]
+        resumed_config(saved, {**saved, "teacher_logits": run_info["teacher_logits"]}, 0)
     cache = None
     if args.teacher_cache:
         autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)

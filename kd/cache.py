@@ -99,7 +99,7 @@ def build(teacher: nn.Module, train: Split, autocast, world: World, *, batch_vie
     bar = tqdm(total=len(shard) * NUM_VIEWS, unit="views", unit_scale=True, desc="teacher cache",
                disable=not (show_progress and world.is_main), dynamic_ncols=True)
     for first in range(0, len(shard), per_batch):
-        images = train.images[start + first:start + first + per_batch]
+        images = train.images[start + first:min(start + first + per_batch, end)]
         pixels = images.repeat_interleave(NUM_VIEWS, dim=0)
         logits = teacher_view_logits(teacher, pixels, views.repeat(len(images)), autocast)
         if not torch.isfinite(logits).all():
@@ -141,8 +141,8 @@ def check_header(cache: TeacherCache, expected: dict, path: str) -> None:
 
 def spot_check(cache: TeacherCache, teacher: nn.Module, train: Split, autocast, path: str) -> None:
     """Recompute SPOT_CHECK_VIEWS random views with the live teacher; refuse the cache if any
-    logit differs by more than fp16 storage can explain (2 ulps, plus the autocast dtype's
-    rounding when the teacher runs in reduced precision)."""
+    logit differs by more than fp16 storage and the teacher's precision explain, relative to the
+    largest logit of its row (another view's logits differ on the scale of that row)."""
     g = torch.Generator().manual_seed(0)
     index = torch.randint(0, len(train), (SPOT_CHECK_VIEWS,), generator=g)
     views = torch.randint(0, NUM_VIEWS, (SPOT_CHECK_VIEWS,), generator=g)
@@ -150,7 +150,7 @@ def spot_check(cache: TeacherCache, teacher: nn.Module, train: Split, autocast, 
                                views.to(train.images.device), autocast).cpu()
     cached = cache.logits[index, views].cpu().float()
     eps = {"float32": 2 ** -10, "float16": 2 ** -8, "bfloat16": 2 ** -5}[cache.header["precision"]]
-    error = (cached - live).abs() / (live.abs() + 1)
+    error = (cached - live).abs() / (live.abs().amax(dim=1, keepdim=True) + 1)
     if error.max() > eps:
         bad = int((error > eps).any(dim=1).sum())
         raise UserError(f"the teacher cache {path} disagrees with the live teacher on {bad} of "
@@ -173,6 +173,7 @@ def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str, 
             blob = {"header": expected, "logits": logits.cpu()}
             atomic_write(path, lambda f: torch.save(blob, f))
             print(f"teacher cache written to {path}")
+            del blob
         del logits
         if world.size > 1:
             torch.distributed.barrier()
@@ -180,6 +181,8 @@ def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str, 
     check_header(cache, expected, path)
     spot_check(cache, teacher, train, autocast, path)
     nbytes = cache.logits.numel() * cache.logits.element_size()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the build reserved is free for the cache
     fits = device.type == "cpu" or torch.cuda.mem_get_info(device)[0] > nbytes + (4 << 30)
     cache.logits = cache.logits.to(device) if fits else cache.logits.pin_memory()
     cache.device = device

@@ -65,7 +65,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets
     s, t = wide(student_logits, teacher_logits)
     s, t = (standardize(s), standardize(t)) if logit_std else (s, t)
     target = F.one_hot(targets, s.shape[1]).bool()
-    binary = lambda z: torch.stack([z[target], z.masked_fill(target, -torch.inf).logsumexp(dim=1)],
+    binary = lambda z: torch.stack([z.gather(1, targets[:, None]).squeeze(1),
+                                    z.masked_fill(target, -torch.inf).logsumexp(dim=1)],
                                    dim=1)  # log [p^y, 1 - p^y] from log p
     log_p_s, log_p_t = F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1)
     tckd = F.kl_div(binary(log_p_s), binary(log_p_t), reduction="batchmean",

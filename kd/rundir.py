@@ -76,6 +76,12 @@ def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world
             "per_rank_batch_size": args.batch_size // world.size}
 
 
+# Settings added since runs were first written, with the value such older runs had in effect
+LATER_DEFAULTS = {"method": "kd", "logit_std": False, "ce_weight": 1.0, "dkd_alpha": 1.0,
+                  "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 2.0, "dist_gamma": 2.0,
+                  "teacher_logits": "online", "teacher_cache_sha256": None}
+
+
 def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     """The saved run's config updated with where and how it runs now (epochs, device, processes,
     command, versions), once nothing that changes what it computes differs.
@@ -83,6 +89,8 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     Refuses any difference in a flag that changes what the run computes (lr, batch size, seed,
     model, alpha, T, the teacher's weights...), and fewer epochs than already done.
     """
+    if "teacher_sha256" in saved:  # a KD run from before its later settings existed
+        saved = {**{k: v for k, v in LATER_DEFAULTS.items() if k in config}, **saved}
     keys = (set(saved) | set(config)) - EXECUTION_KEYS - {"epochs"}
     changed = sorted(k for k in keys if saved.get(k) != config.get(k))
     if changed:

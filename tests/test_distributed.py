@@ -1,4 +1,5 @@
 """The three scripts under torchrun with two CPU processes (gloo) on generated data."""
+import contextlib
 import csv
 import json
 import os
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO
+from kd.cache import load_cache, open_cache
 from kd.evaluate import evaluate_checkpoint
+from kd.models import load_teacher
+from kd.synthetic import write_fake_cifar100
 
 pytestmark = pytest.mark.slow  # torchrun with two processes
 
@@ -79,6 +83,21 @@ def test_a_complete_run_says_so_once(ddp_runs, fake_data):
     result = torchrun("train_student.py", "--out_dir", str(ddp_runs / "baseline"), "--data_dir",
                       fake_data, "--resume", *COMMON)
     assert result.stdout.count("the run is already complete at epoch 2") == 1
+
+
+def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
+    """Two processes build shards of 13 and 12 images; the file equals a one-process build."""
+    data = str(tmp_path / "data")
+    write_fake_cifar100(data, n_train=25, n_test=10, seed=6)
+    teacher = str(ddp_runs / "teacher" / "best.pt")
+    torchrun("kd/cache.py", "--teacher_ckpt", teacher, "--out", str(tmp_path / "shared.pt"),
+             "--data_dir", data, "--no-download", "--device", "cpu")
+    open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), teacher, data, False,
+               torch.device("cpu"), contextlib.nullcontext)
+    shared, single = load_cache(str(tmp_path / "shared.pt")), load_cache(str(tmp_path / "single.pt"))
+    assert shared.header == single.header and shared.logits.shape == (25, 162, 100)
+    a, b = shared.logits.float(), single.logits.float()  # fp16: a few ulps of the largest logit
+    assert (a - b).abs().max() <= 2 ** -9 * b.abs().max()
 
 
 def test_global_batch_must_divide_over_processes(fake_data, tmp_path):
