@@ -71,8 +71,8 @@ def main() -> None:
     cache = None
     if args.teacher_cache:
         autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
-        cache = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir,
-                           args.download, device, autocast)
+        cache = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir, device,
+                           autocast, download=args.download)
         run_info["teacher_cache_sha256"] = file_sha256(args.teacher_cache)
     fit(args, build_student(args.stem), device, loss_at(args), run_info, teacher=teacher,
         teacher_cache=cache)

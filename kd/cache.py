@@ -158,8 +158,8 @@ def spot_check(cache: TeacherCache, teacher: nn.Module, train: Split, autocast, 
                         f"delete it to build it again")
 
 
-def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str, download: bool,
-               device: torch.device, autocast) -> TeacherCache:
+def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str,
+               device: torch.device, autocast, *, download: bool = True) -> TeacherCache:
     """The teacher cache at path for this teacher and training data, built there first when the
     file does not exist; checked against the header the run expects and against the live
     teacher; its logits on `device` when they fit there. The frozen teacher must be on device."""
@@ -207,7 +207,8 @@ def main() -> None:
     _, device = init_world(args.device)
     teacher = load_teacher(args.teacher_ckpt).to(device, memory_format=MEMORY_FORMAT)
     autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
-    open_cache(args.out, teacher, args.teacher_ckpt, args.data_dir, args.download, device, autocast)
+    open_cache(args.out, teacher, args.teacher_ckpt, args.data_dir, device, autocast,
+               download=args.download)
 
 
 if __name__ == "__main__":

@@ -98,15 +98,26 @@ def build_student(stem: str = "cifar") -> nn.Module:
     return net
 
 
-def build_model(config: dict, path: str) -> nn.Module:
-    """An untrained model of the architecture the config of checkpoint `path` names."""
+def model_name(config: dict) -> str | None:
+    """The model a run's config describes, e.g. 'resnet50@224px' or
+    'mobilenet_v3_small/cifar-stem@32px'; None when it names no model this repo builds."""
     arch = config.get("arch")
     if arch == TEACHER_ARCH and isinstance(config.get("img_size"), int):
-        return build_teacher(img_size=config["img_size"])
+        return f"{TEACHER_ARCH}@{config['img_size']}px"
     if arch == STUDENT_ARCH and config.get("stem") in STEMS:
-        return build_student(config["stem"])
-    raise UserError(f"{path}: its config names no model this repo builds (arch {arch!r}, with "
-                    f"img_size for {TEACHER_ARCH} or stem for {STUDENT_ARCH})")
+        return f"{STUDENT_ARCH}/{config['stem']}-stem@32px"
+    return None
+
+
+def build_model(config: dict, path: str) -> nn.Module:
+    """An untrained model of the architecture the config of checkpoint `path` names."""
+    if model_name(config) is None:
+        raise UserError(f"{path}: its config names no model this repo builds (arch "
+                        f"{config.get('arch')!r}, with img_size for {TEACHER_ARCH} or stem for "
+                        f"{STUDENT_ARCH})")
+    if config["arch"] == TEACHER_ARCH:
+        return build_teacher(img_size=config["img_size"])
+    return build_student(config["stem"])
 
 
 def load_model(path: str, arch: str | None = None) -> tuple[nn.Module, dict]:

@@ -16,22 +16,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kd.models import STEMS, STUDENT_ARCH, TEACHER_ARCH, build_model
+from kd.models import build_model, model_name
 
 INPUT_SHAPE = (1, 3, 32, 32)
 WARMUP = 3
 COST_HEADER = ["model", "params (M)", "MACs (M)", "CPU latency (ms)"]
-
-
-def model_key(config: dict) -> str | None:
-    """What a run's cost depends on, e.g. 'resnet50@224px'; None if the config names no model
-    that kd.models.build_model builds."""
-    arch = config.get("arch")
-    if arch == TEACHER_ARCH and isinstance(config.get("img_size"), int):
-        return f"{TEACHER_ARCH}@{config['img_size']}px"
-    if arch == STUDENT_ARCH and config.get("stem") in STEMS:
-        return f"{STUDENT_ARCH}/{config['stem']}-stem@32px"
-    return None
 
 
 def cpu_name() -> str:
@@ -85,13 +74,13 @@ def read_cache(path: Path) -> dict:
 
 
 def model_costs(configs: list[dict], cache_path: Path, repeats: int) -> dict[str, dict]:
-    """model_key -> measure() result for each distinct known model among configs, plus the
+    """model_name -> measure() result for each distinct known model among configs, plus the
     'machine' and 'repeats' it was measured with; measured only when not cached for this machine."""
     here = machine()
     cache = read_cache(cache_path)
     costs = {}
     for config in configs:
-        key = model_key(config)
+        key = model_name(config)
         if key is None or key in costs:
             continue
         entry = cache.get(key)

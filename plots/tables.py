@@ -1,7 +1,7 @@
 """The results table: one markdown row per run or seed group, at the best and the last epoch."""
 import math
 
-from plots.cost import model_key
+from kd.models import model_name
 from plots.groups import Group, group_records, selected_by
 from plots.rundata import Run
 
@@ -54,13 +54,13 @@ def results_row(group: Group, costs: dict | None) -> list[str]:
            joined([str(int(epoch)) for epoch in records["best_epoch"]]),
            *(number(mean[key], std[key], decimals) for _, key, decimals in METRIC_COLUMNS)]
     if costs is not None:
-        cost = costs.get(model_key(first.config))  # None: the config does not name the model
+        cost = costs.get(model_name(first.config))  # None: the config does not name the model
         row += [f"{cost['params'] / 1e6:.2f}", f"{cost['macs'] / 1e6:.1f}"] if cost else ["–"] * 2
     row.append("done" if first.summary is not None else "unfinished")
     return row
 
 
 def results_table(groups: list[Group], costs: dict | None) -> str:
-    """costs: model_key -> {'params', 'macs', ...}, or None to leave the cost columns out."""
+    """costs: kd.models.model_name -> {'params', 'macs', ...}, or None to leave the cost columns out."""
     header = HEADER + (COST_HEADER if costs is not None else []) + ["status"]
     return markdown(header, [results_row(group, costs) for group in groups])

@@ -47,7 +47,8 @@ def built(small_data, tmp_path_factory):
     ckpt.write_bytes(b"the teacher checkpoint's bytes")
     path = str(folder / "cache.pt")
     teacher = TinyTeacher().eval()
-    cache = open_cache(path, teacher, str(ckpt), small_data, False, CPU, contextlib.nullcontext)
+    cache = open_cache(path, teacher, str(ckpt), small_data, CPU, contextlib.nullcontext,
+                       download=False)
     return {"path": path, "ckpt": str(ckpt), "teacher": teacher, "cache": cache}
 
 
@@ -107,7 +108,7 @@ def test_lookup_by_batch_keys(built):
 
 def reopen(built, small_data, teacher=None, ckpt=None, data=None):
     return open_cache(built["path"], teacher or built["teacher"], ckpt or built["ckpt"],
-                      data or small_data, False, CPU, contextlib.nullcontext)
+                      data or small_data, CPU, contextlib.nullcontext, download=False)
 
 
 def test_refusals(built, small_data, tmp_path):
@@ -142,8 +143,8 @@ def test_an_interrupted_build_leaves_no_file(small_data, tmp_path):
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"x")
     with pytest.raises(KeyboardInterrupt):
-        open_cache(str(tmp_path / "c.pt"), Interrupted(), str(ckpt), small_data, False, CPU,
-                   contextlib.nullcontext)
+        open_cache(str(tmp_path / "c.pt"), Interrupted(), str(ckpt), small_data, CPU,
+                   contextlib.nullcontext, download=False)
     assert os.listdir(tmp_path) == ["t.pt"]
 
 
@@ -153,5 +154,5 @@ def test_spot_check_catches_swapped_flips(built, small_data, tmp_path):
     blob["logits"] = blob["logits"].view(24, NUM_VIEWS // 2, 2, 100).flip(2).reshape(24, NUM_VIEWS, 100)
     torch.save(blob, tmp_path / "swapped.pt")
     with pytest.raises(UserError, match="disagrees with the live teacher"):
-        open_cache(str(tmp_path / "swapped.pt"), built["teacher"], built["ckpt"], small_data, False,
-                   CPU, contextlib.nullcontext)
+        open_cache(str(tmp_path / "swapped.pt"), built["teacher"], built["ckpt"], small_data, CPU,
+                   contextlib.nullcontext, download=False)

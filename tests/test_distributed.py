@@ -92,8 +92,8 @@ def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
     teacher = str(ddp_runs / "teacher" / "best.pt")
     torchrun("kd/cache.py", "--teacher_ckpt", teacher, "--out", str(tmp_path / "shared.pt"),
              "--data_dir", data, "--no-download", "--device", "cpu")
-    open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), teacher, data, False,
-               torch.device("cpu"), contextlib.nullcontext)
+    open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), teacher, data,
+               torch.device("cpu"), contextlib.nullcontext, download=False)
     shared, single = load_cache(str(tmp_path / "shared.pt")), load_cache(str(tmp_path / "single.pt"))
     assert shared.header == single.header and shared.logits.shape == (25, 162, 100)
     a, b = shared.logits.float(), single.logits.float()  # fp16: a few ulps of the largest logit
