@@ -26,7 +26,14 @@ from kd.train import MEMORY_FORMAT, LossFn, fit, make_autocast, prepare_run
 weight = number(float, 0)
 
 
-def main() -> None:
+# The flags each --method reads beyond those of every distilled run (study.py grids a method over
+# these only; tests/test_study.py checks that no other flag changes the method's loss)
+METHOD_FLAGS = {"kd": ("T", "alpha", "logit_std"),
+                "dkd": ("T", "logit_std", "ce_weight", "dkd_alpha", "dkd_beta", "dkd_warmup"),
+                "dist": ("T", "ce_weight", "dist_beta", "dist_gamma")}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__, out_dir="runs/student_kd", epochs=120, batch_size=256, lr=0.2)
     add_student_flags(p)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
@@ -57,6 +64,11 @@ def main() -> None:
                    help="dist: weight of the inter-class relation")
     p.add_argument("--dist_gamma", type=weight, default=2.0,
                    help="dist: weight of the intra-class relation")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     if args.logit_std and args.method == "dist":
         p.error("--logit_std applies to --method kd and dkd")

@@ -1,4 +1,6 @@
 """Train the MobileNetV3-Small student on CIFAR-100 with cross-entropy: the baseline for KD."""
+import argparse
+
 from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser
 from kd.losses import ce_loss
@@ -6,10 +8,14 @@ from kd.models import STUDENT_ARCH, build_student
 from kd.train import fit, prepare_run
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__, out_dir="runs/student_baseline", epochs=120, batch_size=256, lr=0.2)
     add_student_flags(p)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = prepare_run(args)
     fit(args, build_student(args.stem), device, lambda epoch: ce_loss, {"arch": STUDENT_ARCH})
 

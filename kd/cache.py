@@ -192,7 +192,7 @@ def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str,
     return cache
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kd.cache", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
@@ -201,7 +201,11 @@ def main() -> None:
     add_data_flags(p)
     add_device_flag(p)
     add_precision_flags(p)  # the teacher's, as distill_student.py's same flags: one per cache
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if os.path.exists(args.out):
         raise UserError(f"{args.out} exists; delete it or pick another --out")
     _, device = init_world(args.device)

@@ -82,6 +82,12 @@ LATER_DEFAULTS = {"method": "kd", "logit_std": False, "ce_weight": 1.0, "dkd_alp
                   "teacher_logits": "online", "teacher_cache_sha256": None}
 
 
+def changed_settings(saved: dict, config: dict, keys) -> list[str]:
+    """'--key saved -> config' for each of keys, execution keys aside, where the two differ."""
+    return [f"--{k} {saved.get(k)} -> {config.get(k)}"
+            for k in sorted(set(keys) - EXECUTION_KEYS) if saved.get(k) != config.get(k)]
+
+
 def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     """The saved run's config updated with where and how it runs now (epochs, device, processes,
     command, versions), once nothing that changes what it computes differs.
@@ -91,10 +97,9 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     """
     if "teacher_sha256" in saved:  # a KD run from before its later settings existed
         saved = {**{k: v for k, v in LATER_DEFAULTS.items() if k in config}, **saved}
-    keys = (set(saved) | set(config)) - EXECUTION_KEYS - {"epochs"}
-    changed = sorted(k for k in keys if saved.get(k) != config.get(k))
+    changed = changed_settings(saved, config, (set(saved) | set(config)) - {"epochs"})
     if changed:
-        details = ", ".join(f"--{k} {saved.get(k)} -> {config.get(k)}" for k in changed)
+        details = ", ".join(changed)
         raise UserError(f"--resume with settings that change the run ({details}); "
                         f"use the original values or start a new --out_dir")
     if config["epochs"] < epochs_done:

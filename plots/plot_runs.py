@@ -29,6 +29,7 @@ from plots.curves import plot_curves
 from plots.dark_knowledge import TABLE_HEADER, mass_rows, plot_dark_knowledge, teacher_masses
 from plots.groups import Group, group_runs
 from plots.rundata import Run, load_runs
+from plots.study import find_studies, read_study, study_section
 from plots.tables import markdown, results_table
 
 INTRO = f"""Metrics on the test split. *best*: the epoch the `best by` split picked (`test`
@@ -57,13 +58,25 @@ def write_figures(runs: list[Run], groups: list[Group], masses: list[tuple[Run, 
     return names
 
 
+def study_sections(paths: list[Path], runs: list[Run], out: Path) -> list[str]:
+    """A section (plots.study) for each study folder (study.py's --out_dir) at or below paths."""
+    studies = find_studies(paths)
+    sections = []
+    for i, folder in enumerate(studies):
+        inside = [run for run in runs if folder.resolve() in run.folder.resolve().parents]
+        prefix = "study_" if len(studies) == 1 else f"study{i + 1}_"
+        sections.append(study_section(read_study(folder.as_posix(), inside), out, prefix))
+    return sections
+
+
 def report(groups: list[Group], costs: dict | None, masses: list[tuple[Run, float, dict]],
-           figures: list[str], latency_runs: int, skipped: list[str]) -> str:
-    """results.md: the results table, what was left out, the figures, the dark-knowledge and the
-    model-cost tables."""
+           figures: list[str], latency_runs: int, skipped: list[str], studies: list[str]) -> str:
+    """results.md: the results table, what was left out, the study sections, the figures, the
+    dark-knowledge and the model-cost tables."""
     parts = ["# Results", INTRO, results_table(groups, costs)]
     if skipped:
         parts.append("Left out:\n\n" + "\n".join(f"- {line}" for line in skipped))
+    parts += studies
     parts.append("\n".join(f"![{name}]({name})" for name in figures))
     if masses:
         parts += ["## Dark knowledge of the teacher", DARK_INTRO,
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         costs = model_costs([run.config for run in runs], args.out / "cost_cache.json",
                             args.latency_runs) if args.cost else None
         figures = write_figures(runs, groups, masses, args.out)
-        text = report(groups, costs, masses, figures, args.latency_runs, skipped)
+        studies = study_sections(args.runs or [Path("runs")], runs, args.out)
+        text = report(groups, costs, masses, figures, args.latency_runs, skipped, studies)
         (args.out / "results.md").write_text(text)
     except (UserError, OSError) as e:
         say(f"error: {e}")

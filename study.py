@@ -1,0 +1,341 @@
+"""A study: does distillation help the student, by how much, and with which settings?
+
+    python study.py --teacher_ckpt runs/teacher_resnet50/best.pt --out_dir runs/study \\
+        --seeds 0 1 2 --method kd --T 1 2 4 8 --alpha 0 0.5 0.9
+
+runs the cross-entropy baseline (train_student.py) once per seed and every grid point
+(distill_student.py) once per seed, each an ordinary run folder that can be opened, resumed and
+plotted on its own:
+
+    runs/study/ce/seed0    runs/study/kd-T1-alpha0/seed0    ...    runs/study/kd-T8-alpha0.9/seed2
+
+Every flag that study.py does not own goes to the runs. With one value (or none: a switch) it goes
+to every run whose script takes it: --epochs, --lr, --batch_size... to all runs, distillation
+flags to the distilled runs. Several values make a distillation flag a grid axis of each --method
+that reads it (--method kd dkd runs both methods); the grid is the product of the axes.
+Every run holds out --val_size training images. `python plots/plot_runs.py runs/study` then picks
+each method's grid point by its mean validation top-1 at the last epoch, and only then reports
+that point's test top-1 against the baseline's, with a confidence interval paired by seed.
+
+The same command again skips finished runs, resumes stopped ones, and refuses a run folder made
+with other settings, naming it and them. The distilled runs read the teacher's logits from
+--teacher_cache, which is built once, before the first of them, when the file is missing.
+Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (--jobs caps it);
+each run's output goes to study_output.log in its folder. A failed run is reported at the end,
+with its command and last output lines, and the others go on.
+"""
+import argparse
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import distill_student
+import train_student
+from kd import cache
+from kd.checkpoint import file_sha256, write_json
+from kd.errors import StopRequested, UserError, run_script, say, stop_requested
+from kd.flags import HelpFormatter, Parser, number
+from kd.rundir import changed_settings, existing_run_files
+
+REPO = Path(__file__).resolve().parent
+STUDY_FILE = "study.json"  # marks a study folder for plots/plot_runs.py; the commands run in it
+OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
+
+
+@dataclass
+class Job:
+    """One process of the study: a training run, or the teacher cache build."""
+    name: str  # the run folder below --out_dir, or "teacher cache"
+    target: list[str]  # what python runs: [script path] or ["-m", "kd.cache"]
+    argv: list[str]
+    out_dir: str  # where its output log goes
+    needs_cache: bool = False  # starts only after the cache build
+    builds_cache: bool = False
+    config: dict = field(default_factory=dict)  # the settings its run folder must have
+
+    def command(self, *, shown: bool = True) -> list[str]:
+        """The command line; shown: as printed, with python's name and the script's path
+        relative to the current folder when it lies below it."""
+        if not shown:
+            return [sys.executable, *self.target, *self.argv]
+        relative = [os.path.relpath(t) if os.path.isabs(t) and
+                    not os.path.relpath(t).startswith("..") else t for t in self.target]
+        return [os.path.basename(sys.executable), *relative, *self.argv]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p.add_argument("--out_dir", default="runs/study", help="the study folder: one run folder per "
+                   "grid point and seed, study.json, the teacher cache")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="every run once per seed; the gain's interval pairs runs by seed")
+    p.add_argument("--val_size", type=number(int, 100), default=5000,
+                   help="training images every run holds out (class-balanced, the same for one "
+                        "seed): the grid point is picked on them, never on the test set")
+    p.add_argument("--teacher_cache", default=None,
+                   help="the teacher cache the distilled runs read (built first when missing); "
+                        "default: OUT_DIR/teacher_cache.pt; none: the teacher runs online")
+    p.add_argument("--jobs", type=number(int, 1), default=None,
+                   help="runs at a time; default: one per visible GPU, or 1 without a GPU")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the command of every run still to do, one per line (the cache "
+                        "build first), and run nothing: for a job array or another scheduler")
+    return p
+
+
+def flag_values(tokens: list[str]) -> list[tuple[str, list[str]]]:
+    """The run flags as given: ['--T', '1', '2', '--logit_std', '--lr=0.1'] ->
+    [('--T', ['1', '2']), ('--logit_std', []), ('--lr', ['0.1'])]."""
+    groups: list[tuple[str, list[str]]] = []
+    for token in tokens:
+        if token.startswith("--"):
+            flag, is_pair, value = token.partition("=")
+            if any(flag == seen for seen, _ in groups):
+                raise UserError(f"{flag} is given twice; give all its values after it once")
+            groups.append((flag, [value] if is_pair else []))
+        elif groups:
+            groups[-1][1].append(token)
+        else:
+            raise UserError(f"unrecognized argument {token} (see study.py --help)")
+    return groups
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return set(parser._option_string_actions)  # argparse's table of the flags a parser takes
+
+
+def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[Job]:
+    """Every run of the study, seed by seed (the baseline, then the grid), each with its command
+    checked by its script's parser, and the cache build first when the cache is missing."""
+    student, distill = train_student.build_parser(), distill_student.build_parser()
+    student.prog, distill.prog = "train_student.py", "distill_student.py"
+    student_flags, distill_flags = option_strings(student), option_strings(distill)
+    method_names = {name for names in distill_student.METHOD_FLAGS.values() for name in names}
+    shared, distilled, axes, methods = [], [], {}, ["kd"]
+    for flag, values in groups:
+        if flag in ("--seed", "--resume", "--overwrite"):
+            raise UserError(f"{flag} is the study's to set (see --seeds); the same command again "
+                            f"resumes stopped runs")
+        if flag not in distill_flags:
+            raise UserError(f"{flag} is a flag of neither train_student.py nor distill_student.py")
+        name = flag[2:]
+        if flag == "--method":
+            methods = list(dict.fromkeys(values))
+        elif name in method_names:  # an axis of the grid, with one value or more
+            axes[name] = [[value] for value in values] or [[]]  # [[]]: a switch
+        elif len(values) > 1:
+            raise UserError(f"{flag} {' '.join(values)}: only the settings of a --method can take "
+                            f"several values ({', '.join(sorted(method_names))}); the baseline "
+                            f"must match every run")
+        else:
+            (shared if flag in student_flags else distilled).append([flag, *values])
+    for name in axes:
+        if not any(name in distill_student.METHOD_FLAGS.get(m, ()) for m in methods):
+            raise UserError(f"--{name} is read by no --method of the study ({' '.join(methods)})")
+    shared = [token for pair in shared for token in pair]
+    distilled = [token for pair in distilled for token in pair]
+    cache_path = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.pt")
+    online = cache_path == "none"
+    jobs = []
+    for seed in args.seeds:
+        run = ["--seed", str(seed), "--val_size", str(args.val_size), *shared]
+        folder = os.path.join(args.out_dir, "ce", f"seed{seed}")
+        jobs.append(Job(f"ce/seed{seed}", [str(REPO / "train_student.py")],
+                        ["--out_dir", folder, *run], folder))
+        for method in methods:
+            own = [name for name in axes if name in distill_student.METHOD_FLAGS.get(method, ())]
+            for point in itertools.product(*(axes[name] for name in own)):
+                name = "-".join([method, *(n + "".join(v) for n, v in zip(own, point))])
+                folder = os.path.join(args.out_dir, name, f"seed{seed}")
+                settings = [token for n, v in zip(own, point) for token in (f"--{n}", *v)]
+                argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings]
+                argv += [] if online else ["--teacher_cache", cache_path]
+                jobs.append(Job(f"{name}/seed{seed}", [str(REPO / "distill_student.py")], argv,
+                                folder, needs_cache=not online))
+    teacher_sha256 = None
+    for job in jobs:
+        parser = distill if job.target[0].endswith("distill_student.py") else student
+        job.config = vars(parser.parse_args(job.argv))  # a bad value: one line, exit 2
+        if job.target[0].endswith("distill_student.py"):
+            teacher = job.config["teacher_ckpt"]
+            if not os.path.isfile(teacher):
+                raise UserError(f"--teacher_ckpt {teacher}: no such file (train_teacher.py writes "
+                                f"it)")
+            teacher_sha256 = teacher_sha256 or file_sha256(teacher)
+            job.config.update(teacher_sha256=teacher_sha256,
+                              teacher_logits="online" if online else "cache")
+    distilled_jobs = [job for job in jobs if job.needs_cache]
+    if distilled_jobs and not os.path.exists(cache_path):
+        kept = option_strings(cache.build_parser())
+        cache_flags = [token for flag, values in groups if flag in kept and flag != "--teacher_ckpt"
+                       for token in (flag, *values)]
+        teacher = distilled_jobs[0].config["teacher_ckpt"]
+        jobs.insert(0, Job("teacher cache", ["-m", "kd.cache"],
+                           ["--teacher_ckpt", teacher, "--out", cache_path, *cache_flags],
+                           args.out_dir, builds_cache=True))
+    return jobs
+
+
+def to_do(job: Job) -> str:
+    """'run', 'resume', 'restart' (no epoch was saved) or 'done' for the job's run folder.
+    Refuses a folder holding a run with other settings than the job's."""
+    if job.builds_cache:
+        return "run"
+    files = existing_run_files(job.out_dir)
+    if not files:
+        return "run"
+    try:
+        with open(os.path.join(job.out_dir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{job.out_dir} holds {', '.join(files)} but no readable config.json "
+                        f"({e}); move it away or pick another --out_dir") from None
+    changed = changed_settings(saved, job.config, job.config)
+    if changed:
+        raise UserError(f"{job.out_dir} holds a run with other settings ({', '.join(changed)}); "
+                        f"run the study with the flags it was made with, or another --out_dir")
+    if "summary.json" in files:
+        return "done"
+    return "resume" if "last.pt" in files else "restart"
+
+
+def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
+    """One entry per run at a time: the CUDA_VISIBLE_DEVICES of its runs, None on the CPU."""
+    gpus = []
+    if device != "cpu" and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = [v.strip() for v in visible.split(",")] if visible else []
+        gpus = [names[i] if i < len(names) else str(i) for i in range(torch.cuda.device_count())]
+    count = jobs or max(1, len(gpus))
+    return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
+
+
+def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
+    """Run the jobs in order, at most one per slot at a time, those that need the cache after its
+    build; returns each failed job with why. On Ctrl-C/SIGTERM the running ones are stopped (each
+    keeps its last.pt) and StopRequested is raised."""
+    pending, running, failed, finished, stopping = list(jobs), {}, [], 0, False
+    env = dict(os.environ)
+    if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
+    while pending or running:
+        if stop_requested() and not stopping:
+            pending, stopping = [], True
+            for job, process, _, _ in running.values():
+                process.send_signal(signal.SIGTERM)  # its own session: no Ctrl-C reached it
+        building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
+        for slot in [s for s in range(len(slots)) if s not in running]:
+            job = next((j for j in pending if not (j.needs_cache and building)), None)
+            if job is None:
+                break
+            pending.remove(job)
+            os.makedirs(job.out_dir, exist_ok=True)
+            log = open(os.path.join(job.out_dir, OUTPUT_FILE), "a")
+            log.write(f"$ {shlex.join(job.command())}\n")
+            log.flush()
+            gpu = {"CUDA_VISIBLE_DEVICES": slots[slot]} if slots[slot] is not None else {}
+            process = subprocess.Popen(job.command(shown=False), stdout=log,
+                                       stderr=subprocess.STDOUT, env={**env, **gpu},
+                                       start_new_session=True)
+            running[slot] = (job, process, log, time.perf_counter())
+            print(f"start {job.name}" + (f" (GPU {slots[slot]})" if gpu else ""), flush=True)
+        time.sleep(0.2)
+        for slot, (job, process, log, start) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[slot]
+            minutes = (time.perf_counter() - start) / 60
+            if process.returncode == 0:
+                finished += 1
+                print(f"done  {job.name} in {minutes:.1f} min{result_line(job)} "
+                      f"[{finished}/{len(jobs)}]", flush=True)
+                continue
+            failed.append((job, f"exit code {process.returncode} after {minutes:.1f} min"))
+            if job.builds_cache:
+                failed += [(j, "not run: the teacher cache build failed")
+                           for j in pending if j.needs_cache]
+                pending = [j for j in pending if not j.needs_cache]
+    if stop_requested():
+        raise StopRequested("the runs that were going keep their last.pt; the same command "
+                            "resumes the study")
+    return failed
+
+
+def result_line(job: Job) -> str:
+    """': val_top1 x, test_top1 y' at the run's last epoch, from its summary.json."""
+    try:
+        with open(os.path.join(job.out_dir, "summary.json")) as f:
+            last = json.load(f)["last"]
+        return "".join(f", {k} {last[k]:.2f}" for k in ("val_top1", "test_top1") if k in last)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def failure_report(failed: list[tuple[Job, str]], total: int) -> str:
+    lines = [f"{len(failed)} of {total} study jobs failed (the others finished):"]
+    for job, why in failed:
+        lines += [f"- {job.name}: {why}", f"  {shlex.join(job.command())}"]
+        try:
+            with open(os.path.join(job.out_dir, OUTPUT_FILE)) as f:
+                output = f.read().replace("\r", "\n").splitlines()
+        except OSError:
+            output = []
+        lines += [f"  | {line}" for line in [ln for ln in output if ln.strip()][-8:]]
+    return "\n".join(lines)
+
+
+def record_command(out_dir: str) -> None:
+    """Add this command to OUT_DIR/study.json, which marks the folder as a study."""
+    path = os.path.join(out_dir, STUDY_FILE)
+    record = {"commands": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    if command not in record["commands"]:
+        record["commands"].append(command)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(path, record)
+
+
+def main() -> None:
+    args, rest = build_parser().parse_known_args()
+    jobs = plan(args, flag_values(rest))
+    actions = {job.name: to_do(job) for job in jobs}
+    extra = {"resume": ["--resume"], "restart": ["--overwrite"]}
+    todo = [job for job in jobs if actions[job.name] != "done"]
+    for job in todo:
+        job.argv += extra.get(actions[job.name], [])
+    done = len(jobs) - len(todo)
+    if args.dry_run:
+        for job in todo:
+            print(shlex.join(job.command()))
+        say(f"{len(todo)} commands, {done} finished runs left out" +
+            ("; the first builds the teacher cache: run it before the others"
+             if todo and todo[0].builds_cache else ""))
+        return
+    record_command(args.out_dir)
+    slots = gpu_slots(jobs[-1].config["device"], args.jobs)
+    print(f"study {args.out_dir}: {len(jobs)} jobs, {done} already done, "
+          f"{sum(a == 'resume' for a in actions.values())} to resume; "
+          f"{len(slots)} at a time on {'GPU ' + ','.join(slots) if slots[0] else 'the CPU'}",
+          flush=True)
+    failed = run_all(todo, slots)
+    if failed:
+        say(failure_report(failed, len(todo)))
+        sys.exit(1)
+    print(f"study complete. Report: python plots/plot_runs.py {args.out_dir}")
+
+
+if __name__ == "__main__":
+    run_script(main)

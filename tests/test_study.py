@@ -1,0 +1,309 @@
+"""study.py and its report: the runs a grid plans, skipping, resuming, refusals, the scheduler,
+selection on validation data and the paired confidence interval; and a tiny study end to end."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill_student
+import study
+from conftest import REPO, assert_one_line_error, run_in_process
+from kd.errors import UserError
+from plots.rundata import load_runs
+from plots.study import paired_interval, read_study, t_quantile
+from test_report import STUDENT, report, write_run
+
+COMMON = ["--epochs", "1", "--batch_size", "100", "--eval_batch_size", "100", "--no-download"]
+
+
+@pytest.fixture
+def teacher_file(tmp_path) -> str:
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"stand-in teacher: plan() only hashes it")
+    return str(path)
+
+
+def planned(argv: list[str]) -> list[study.Job]:
+    args, rest = study.build_parser().parse_known_args(argv)
+    return study.plan(args, study.flag_values(rest))
+
+
+def test_flag_values_groups_the_tokens():
+    assert study.flag_values(["--T", "1", "2", "--logit_std", "--lr=0.1", "--alpha", "-1"]) == [
+        ("--T", ["1", "2"]), ("--logit_std", []), ("--lr", ["0.1"]), ("--alpha", ["-1"])]
+    with pytest.raises(UserError, match="--T is given twice"):
+        study.flag_values(["--T", "1", "--T", "2"])
+    with pytest.raises(UserError, match="unrecognized argument 3"):
+        study.flag_values(["3", "--T", "1"])
+
+
+def test_plan_runs_the_baseline_and_every_grid_point_per_seed(tmp_path, teacher_file):
+    out = str(tmp_path / "study")
+    jobs = planned(["--out_dir", out, "--seeds", "0", "1", "--teacher_ckpt", teacher_file,
+                    "--method", "kd", "dkd", "--T", "2", "4", "--alpha", "0", "0.9",
+                    "--dkd_beta", "8", "--epochs", "3", "--lr", "0.1"])
+    assert jobs[0].builds_cache and jobs[0].argv[:4] == ["--teacher_ckpt", teacher_file, "--out",
+                                                         f"{out}/teacher_cache.pt"]
+    grid = ["kd-T2-alpha0", "kd-T2-alpha0.9", "kd-T4-alpha0", "kd-T4-alpha0.9",
+            "dkd-T2-dkd_beta8", "dkd-T4-dkd_beta8"]
+    assert [job.name for job in jobs[1:]] == [
+        f"{name}/seed{seed}" for seed in (0, 1) for name in ["ce", *grid]]
+    by_name = {job.name: job for job in jobs}
+    ce = by_name["ce/seed1"].config
+    assert (ce["seed"], ce["val_size"], ce["epochs"], ce["lr"]) == (1, 5000, 3, 0.1)
+    assert "teacher_ckpt" not in ce and not by_name["ce/seed1"].needs_cache
+    kd = by_name["kd-T4-alpha0.9/seed0"]
+    assert kd.needs_cache and kd.out_dir == f"{out}/kd-T4-alpha0.9/seed0"
+    assert (kd.config["method"], kd.config["T"], kd.config["alpha"], kd.config["dkd_beta"]) == \
+        ("kd", 4.0, 0.9, 8.0)  # dkd_beta is dkd's: kd runs keep the default
+    assert kd.config["teacher_cache"] == f"{out}/teacher_cache.pt"
+    assert kd.config["val_size"] == 5000 and kd.config["lr"] == 0.1
+    dkd = by_name["dkd-T2-dkd_beta8/seed1"].config
+    assert (dkd["method"], dkd["T"], dkd["alpha"]) == ("dkd", 2.0, 0.5)  # alpha is kd's
+    assert len({json.dumps(job.config, sort_keys=True) for job in jobs[1:]}) == len(jobs) - 1
+
+
+def test_plan_without_cache_build(tmp_path, teacher_file):
+    argv = ["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file]
+    online = planned([*argv, "--teacher_cache", "none"])
+    assert [job.name for job in online] == ["ce/seed0", "kd/seed0"]  # no grid: one point
+    assert "--teacher_cache" not in online[1].argv and online[1].config["teacher_logits"] == "online"
+    existing = tmp_path / "cache.pt"
+    existing.write_bytes(b"")
+    cached = planned([*argv, "--teacher_cache", str(existing)])
+    assert not any(job.builds_cache for job in cached)  # the runs check the file themselves
+    assert cached[1].config["teacher_cache"] == str(existing)
+
+
+def test_each_method_reads_exactly_its_flags():
+    """METHOD_FLAGS (which the study grids over) against the losses: every flag a method is said
+    to read changes its loss, and no other distillation flag does."""
+    parser = distill_student.build_parser()
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(16, 100, generator=g), torch.randn(16, 100, generator=g) * 3
+    labels = torch.arange(16)
+    changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
+               "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1"}
+
+    def loss(method: str, name: str | None) -> float:
+        flag = [] if name is None else [f"--{name}"] + ([changed[name]] if changed[name] else [])
+        args = parser.parse_args(["--method", method, *flag])
+        return distill_student.loss_at(args)(2)(student, teacher, labels)[0].item()
+
+    for method, reads in distill_student.METHOD_FLAGS.items():
+        for name in changed:
+            if method == "dist" and name == "logit_std":
+                continue  # refused by distill_student.py for dist
+            differs = loss(method, name) != loss(method, None)
+            assert differs == (name in reads), (method, name)
+
+
+def test_existing_runs_are_skipped_resumed_restarted_or_refused(tmp_path, teacher_file):
+    jobs = planned(["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file,
+                    "--teacher_cache", "none", *COMMON])
+    job = jobs[1]
+    assert study.to_do(job) == "run"
+    folder = Path(job.out_dir)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**job.config, "device_name": "cpu",
+                                                    "overwrite": True}))
+    assert study.to_do(job) == "restart"  # no epoch saved
+    (folder / "last.pt").write_bytes(b"")
+    assert study.to_do(job) == "resume"
+    (folder / "summary.json").write_text("{}")
+    assert study.to_do(job) == "done"
+    (folder / "config.json").write_text(json.dumps({**job.config, "lr": 0.3, "T": 2.0}))
+    with pytest.raises(UserError, match=r"holds a run with other settings \(--T 2.0 -> 4.0, "
+                                        r"--lr 0.3 -> 0.2\)"):
+        study.to_do(job)
+    (folder / "config.json").write_text(json.dumps({**job.config, "teacher_sha256": "other"}))
+    with pytest.raises(UserError, match="--teacher_sha256 other -> "):
+        study.to_do(job)
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--lr", "0.1", "0.2"], "--lr 0.1 0.2: only the settings of a --method"),
+    (["--seed", "1"], "--seed is the study's to set"),
+    (["--resume"], "--resume is the study's to set"),
+    (["--learning_rate", "1"], "--learning_rate is a flag of neither"),
+    (["--dkd_beta", "1", "2"], "--dkd_beta is read by no --method of the study (kd)"),
+    (["--alpha", "2"], "argument --alpha: must be in [0, 1]"),
+    (["--method", "kd", "fitnets"], "argument --method: invalid choice: 'fitnets'"),
+    (["--val_size", "0"], "argument --val_size: must be >= 100"),
+    (["--teacher_ckpt", "missing.pt"], "--teacher_ckpt missing.pt: no such file"),
+])
+def test_bad_study_flags_are_one_line(argv, phrase, tmp_path, teacher_file, monkeypatch, capsys):
+    teacher = [] if "--teacher_ckpt" in argv else ["--teacher_ckpt", teacher_file]
+    result = run_in_process("study.py", ["--out_dir", tmp_path, *teacher, *argv], monkeypatch,
+                            capsys)
+    assert_one_line_error(result, phrase)
+    assert not (tmp_path / "study.json").exists()
+
+
+def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # scripts are shown relative to the current folder
+    monkeypatch.setattr(sys, "argv", ["study.py", "--out_dir", str(tmp_path), "--teacher_ckpt",
+                                      teacher_file, "--seeds", "3", "--T", "1", "2", "--dry_run",
+                                      *COMMON])
+    study.main()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    python = Path(sys.executable).name
+    assert lines[0] == (f"{python} -m kd.cache --teacher_ckpt {teacher_file} --out "
+                        f"{tmp_path}/teacher_cache.pt --no-download")
+    assert lines[1] == (f"{python} train_student.py --out_dir {tmp_path}/ce/seed3 --seed 3 "
+                        f"--val_size 5000 {' '.join(COMMON)}")
+    assert lines[3] == (f"{python} distill_student.py --out_dir {tmp_path}/kd-T2/seed3 --seed 3 "
+                        f"--val_size 5000 {' '.join(COMMON)} --teacher_ckpt {teacher_file} "
+                        f"--method kd --T 2 --teacher_cache {tmp_path}/teacher_cache.pt")
+    assert len(lines) == 4 and "4 commands, 0 finished runs left out; the first builds" in \
+        captured.err
+    assert list(tmp_path.iterdir()) == [tmp_path / "teacher.pt"]  # nothing written
+
+
+def test_gpu_slots_on_the_cpu():
+    assert study.gpu_slots("cpu", None) == [None]
+    assert study.gpu_slots("cpu", 3) == [None, None, None]
+
+
+def fake_job(tmp_path: Path, name: str, code: str, **kind) -> study.Job:
+    return study.Job(name, ["-c", code], [], str(tmp_path / name), **kind)
+
+
+@pytest.mark.slow
+def test_scheduler_waits_for_the_cache_and_reports_failures(tmp_path):
+    order = tmp_path / "order.txt"
+    write = lambda tag: f"open({str(order)!r}, 'a').write({tag!r} + '\\n')"
+    build = fake_job(tmp_path, "cache", f"import time; time.sleep(1); {write('cache')}",
+                     builds_cache=True)
+    ce = fake_job(tmp_path, "ce", write("ce"))
+    kd = fake_job(tmp_path, "kd", write("kd"), needs_cache=True)
+    broken = fake_job(tmp_path, "broken", "print('first'); raise SystemExit('error: it broke')")
+    failed = study.run_all([build, kd, ce, broken], [None, None])
+    assert order.read_text().split() == ["ce", "cache", "kd"]  # kd waited; ce did not
+    assert [(job.name, why.split(" after")[0]) for job, why in failed] == [("broken", "exit code 1")]
+    text = study.failure_report(failed, 4)
+    assert "1 of 4 study jobs failed" in text and "| error: it broke" in text and "| first" in text
+
+    failing_build = fake_job(tmp_path, "cache2", "raise SystemExit(2)", builds_cache=True)
+    kd2 = fake_job(tmp_path, "kd2", write("kd2"), needs_cache=True)
+    failed = study.run_all([failing_build, kd2], [None])
+    assert [(job.name, why) for job, why in failed][1] == (
+        "kd2", "not run: the teacher cache build failed")
+    assert "kd2" not in order.read_text()
+
+
+def test_t_quantiles_and_the_paired_interval_by_hand():
+    for df, table in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)]:
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
+    # d = 3, 2.5, 3: mean 17/6, sd = sqrt(1/12), half width = t(0.975, 2) * sd / sqrt(3)
+    mean, low, high = paired_interval([3.0, 2.5, 3.0])
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert (mean, low, high) == pytest.approx((17 / 6, 17 / 6 - half, 17 / 6 + half), abs=1e-5)
+    assert math.isnan(paired_interval([1.0])[1])
+
+
+def write_study(root: Path) -> Path:
+    """A study folder by hand: CE and two kd points over seeds 0-2. T=4 has the best validation
+    top-1 and T=2 the best test top-1, so selecting on test would pick the other point."""
+    (root / "study.json").parent.mkdir(parents=True)
+    (root / "study.json").write_text(json.dumps({"commands": ["python study.py"]}))
+    kd = {**STUDENT, "method": "kd", "alpha": 0.5, "teacher_ckpt": "t.pt", "teacher_sha256": "ab"}
+    for seed, ce_test, t4_test in [(0, 60.0, 63.0), (1, 61.0, 63.5), (2, 62.0, 65.0)]:
+        write_run(root / "ce" / f"seed{seed}", {**STUDENT, "seed": seed}, [50.0, ce_test],
+                  val_top1=[50.0, 55.0], logits_seed=None)
+        write_run(root / "kd-T4" / f"seed{seed}", {**kd, "T": 4.0, "seed": seed},
+                  [50.0, t4_test], val_top1=[50.0, 70.0 + seed], logits_seed=None)
+        write_run(root / "kd-T2" / f"seed{seed}", {**kd, "T": 2.0, "seed": seed},
+                  [50.0, 80.0], val_top1=[50.0, 60.0], logits_seed=None)
+    return root
+
+
+def test_study_report_selects_on_validation_and_pairs_by_seed(tmp_path):
+    root = write_study(tmp_path / "runs" / "study")
+    write_run(root / "kd-T8" / "seed0", {**STUDENT, "method": "kd", "T": 8.0, "teacher_ckpt": "t",
+                                         "teacher_sha256": "ab", "alpha": 0.5}, [1.0],
+              val_top1=[99.0], logits_seed=None)
+    (root / "kd-T8" / "seed0" / "summary.json").unlink()  # unfinished: never selected
+    text = report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost")
+    section = text.split("## Study: ")[1]
+    assert "- not finished yet, left out: kd-T8/seed0\n" in section
+    table = [[c.strip() for c in line.strip("|").split("|")]
+             for line in section.split("| method |")[1].split("\n\n")[0].splitlines()[2:]]
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert table[0][:5] == ["ce", "–", "3", "55.00 ± 0.00", "61.00 ± 1.00"]
+    assert table[1][:5] == ["kd", "T=4 (of 2)", "3", "71.00 ± 1.00", "63.83 ± 1.04"]
+    assert table[1][5] == f"+{17 / 6:.2f} [+{17 / 6 - half:.2f}, +{17 / 6 + half:.2f}] (n=3)"
+    assert table[1][6:] == ["3.62 ± 0.10", "83.83 ± 1.04"]  # ECE 10 - top1/10, agree top1 + 20
+    assert "| T=4 (selected) | 3 | 71.00 ± 1.00 |" in section
+    assert "| T=2 | 3 | 60.00 ± 0.00 |" in section
+    for name in ("study_heatmap_kd.png", "study_curves.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000 and f"]({name})" in section
+
+
+def test_study_needs_one_baseline(tmp_path):
+    root = write_study(tmp_path / "study")
+    write_run(root / "ce-other" / "seed0", {**STUDENT, "lr": 0.5}, [1.0, 2.0], val_top1=[1.0, 2.0],
+              logits_seed=None)
+    runs_study = read_study("study", load_runs([root])[0])
+    assert runs_study.baseline is None and "2 finished CE baselines (one is needed)" in \
+        runs_study.notes[0]
+    assert runs_study.selected["kd"].setting == {"T": 4.0}
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(fake_data, tmp_path):
+    """Two seeds x (CE + two kd points), one epoch each on generated data: a command printed by
+    --dry_run runs as printed, the study runs the rest, and the report has the study section;
+    then the same command resumes a stopped run, and a changed flag is refused naming it."""
+    teacher = tmp_path / "teacher"
+    subprocess.run([sys.executable, str(REPO / "train_teacher.py"), "--out_dir", str(teacher),
+                    "--pretrained", "none", "--img_size", "32", "--data_dir", fake_data, *COMMON],
+                   check=True, capture_output=True, cwd=tmp_path)
+    out = tmp_path / "study"
+    argv = [sys.executable, str(REPO / "study.py"), "--out_dir", str(out), "--seeds", "0", "1",
+            "--teacher_ckpt", str(teacher / "best.pt"), "--teacher_cache", "none", "--T", "2",
+            "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data, *COMMON]
+    dry = subprocess.run([*argv, "--dry_run"], capture_output=True, text=True, cwd=tmp_path,
+                         check=True)
+    commands = dry.stdout.splitlines()
+    assert len(commands) == 6 and f"/ce/seed1 " in commands[3]
+    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=tmp_path)
+
+    first = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "6 jobs, 1 already done" in first.stdout and first.stdout.count("done  ") == 5
+    for name in ["ce", "kd-T2", "kd-T4"]:
+        for seed in (0, 1):
+            config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
+            assert (config["seed"], config["val_size"]) == (seed, 100)
+            assert (out / name / f"seed{seed}" / "summary.json").exists()
+    assert json.loads((out / "study.json").read_text())["commands"][0].endswith(
+        " ".join(argv[2:]))
+
+    text = subprocess.run([sys.executable, str(REPO / "plots" / "plot_runs.py"), str(out),
+                           "--out", str(tmp_path / "report"), "--no-cost"], capture_output=True,
+                          text=True, cwd=tmp_path, check=True).stdout
+    section = text.split("## Study: ")[1]
+    assert "gain over CE, 95% CI" in section and "(n=2)" in section
+    for name in ("study_heatmap_kd.png", "study_curves.png"):
+        assert (tmp_path / "report" / name).exists()
+
+    (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "6 jobs, 5 already done, 1 to resume" in again.stdout
+    output = (out / "kd-T4" / "seed1" / study.OUTPUT_FILE).read_text()
+    assert [line for line in output.splitlines() if line.startswith("$ ")][-1].endswith(" --resume")
+    assert (out / "kd-T4" / "seed1" / "summary.json").exists()
+
+    changed = subprocess.run([*argv, "--lr", "0.05"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=600)
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines() == [
+        f"error: {out}/ce/seed0 holds a run with other settings (--lr 0.2 -> 0.05); run the "
+        f"study with the flags it was made with, or another --out_dir"]
