@@ -55,21 +55,30 @@ OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
 class Job:
     """One process of the study: a training run, or the teacher cache build."""
     name: str  # the run folder below --out_dir, or "teacher cache"
-    target: list[str]  # what python runs: [script path] or ["-m", "kd.cache"]
+    script: str  # train_student.py, distill_student.py, or kd.cache (run as a module)
     argv: list[str]
-    out_dir: str  # where its output log goes
-    needs_cache: bool = False  # starts only after the cache build
-    builds_cache: bool = False
+    out_dir: str  # the run folder, where its output log goes too
     config: dict = field(default_factory=dict)  # the settings its run folder must have
+
+    @property
+    def builds_cache(self) -> bool:
+        return self.script == "kd.cache"
+
+    @property
+    def distills(self) -> bool:
+        return self.script == "distill_student.py"
 
     def command(self, *, shown: bool = True) -> list[str]:
         """The command line; shown: as printed, with python's name and the script's path
         relative to the current folder when it lies below it."""
-        if not shown:
-            return [sys.executable, *self.target, *self.argv]
-        relative = [os.path.relpath(t) if os.path.isabs(t) and
-                    not os.path.relpath(t).startswith("..") else t for t in self.target]
-        return [os.path.basename(sys.executable), *relative, *self.argv]
+        if self.builds_cache:
+            target = ["-m", self.script]
+        else:
+            path = str(REPO / self.script)
+            below = not os.path.relpath(path).startswith("..")
+            target = [os.path.relpath(path) if shown and below else path]
+        python = os.path.basename(sys.executable) if shown else sys.executable
+        return [python, *target, *self.argv]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,59 +122,68 @@ def option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return set(parser._option_string_actions)  # argparse's table of the flags a parser takes
 
 
-def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[Job]:
-    """Every run of the study, seed by seed (the baseline, then the grid), each with its command
-    checked by its script's parser, and the cache build first when the cache is missing."""
-    student, distill = train_student.build_parser(), distill_student.build_parser()
-    student.prog, distill.prog = "train_student.py", "distill_student.py"
-    student_flags, distill_flags = option_strings(student), option_strings(distill)
+def route(groups: list[tuple[str, list[str]]]) -> tuple[list[str], list[str], dict, list[str]]:
+    """Where each run flag goes: (the flags of every run, the flags of every distilled run, the
+    grid axes {name: [tokens of each value]}, the methods)."""
+    student_flags = option_strings(train_student.build_parser())
+    distill_flags = option_strings(distill_student.build_parser())
     method_names = {name for names in distill_student.METHOD_FLAGS.values() for name in names}
     shared, distilled, axes, methods = [], [], {}, ["kd"]
     for flag, values in groups:
+        name = flag[2:]
         if flag in ("--seed", "--resume", "--overwrite"):
             raise UserError(f"{flag} is the study's to set (see --seeds); the same command again "
                             f"resumes stopped runs")
         if flag not in distill_flags:
             raise UserError(f"{flag} is a flag of neither train_student.py nor distill_student.py")
-        name = flag[2:]
         if flag == "--method":
+            if not values:
+                raise UserError("--method needs one method or more (see distill_student.py --help)")
             methods = list(dict.fromkeys(values))
-        elif name in method_names:  # an axis of the grid, with one value or more
-            axes[name] = [[value] for value in values] or [[]]  # [[]]: a switch
+        elif name in method_names:  # a grid axis, with one value or more; [[]]: a switch
+            axes[name] = [[value] for value in dict.fromkeys(values)] or [[]]
         elif len(values) > 1:
             raise UserError(f"{flag} {' '.join(values)}: only the settings of a --method can take "
                             f"several values ({', '.join(sorted(method_names))}); the baseline "
                             f"must match every run")
         else:
-            (shared if flag in student_flags else distilled).append([flag, *values])
+            (shared if flag in student_flags else distilled).extend([flag, *values])
     for name in axes:
         if not any(name in distill_student.METHOD_FLAGS.get(m, ()) for m in methods):
             raise UserError(f"--{name} is read by no --method of the study ({' '.join(methods)})")
-    shared = [token for pair in shared for token in pair]
-    distilled = [token for pair in distilled for token in pair]
+    return shared, distilled, axes, methods
+
+
+def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[Job]:
+    """Every run of the study, seed by seed (the baseline, then each method's grid), with the
+    settings its script's parser makes of its command; the cache build first when the cache
+    file is missing."""
+    shared, distilled, axes, methods = route(groups)
     cache_path = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.pt")
     online = cache_path == "none"
     jobs = []
-    for seed in args.seeds:
+    for seed in dict.fromkeys(args.seeds):
         run = ["--seed", str(seed), "--val_size", str(args.val_size), *shared]
         folder = os.path.join(args.out_dir, "ce", f"seed{seed}")
-        jobs.append(Job(f"ce/seed{seed}", [str(REPO / "train_student.py")],
-                        ["--out_dir", folder, *run], folder))
+        jobs.append(Job(f"ce/seed{seed}", "train_student.py", ["--out_dir", folder, *run], folder))
         for method in methods:
             own = [name for name in axes if name in distill_student.METHOD_FLAGS.get(method, ())]
             for point in itertools.product(*(axes[name] for name in own)):
                 name = "-".join([method, *(n + "".join(v) for n, v in zip(own, point))])
                 folder = os.path.join(args.out_dir, name, f"seed{seed}")
                 settings = [token for n, v in zip(own, point) for token in (f"--{n}", *v)]
-                argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings]
-                argv += [] if online else ["--teacher_cache", cache_path]
-                jobs.append(Job(f"{name}/seed{seed}", [str(REPO / "distill_student.py")], argv,
-                                folder, needs_cache=not online))
+                teacher = [] if online else ["--teacher_cache", cache_path]
+                argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings,
+                        *teacher]
+                jobs.append(Job(f"{name}/seed{seed}", "distill_student.py", argv, folder))
+    parsers = {"train_student.py": train_student.build_parser(),
+               "distill_student.py": distill_student.build_parser()}
+    for script, parser in parsers.items():
+        parser.prog = script  # its errors name the script they are about
     teacher_sha256 = None
     for job in jobs:
-        parser = distill if job.target[0].endswith("distill_student.py") else student
-        job.config = vars(parser.parse_args(job.argv))  # a bad value: one line, exit 2
-        if job.target[0].endswith("distill_student.py"):
+        job.config = vars(parsers[job.script].parse_args(job.argv))  # bad values: one line, exit 2
+        if job.distills:
             teacher = job.config["teacher_ckpt"]
             if not os.path.isfile(teacher):
                 raise UserError(f"--teacher_ckpt {teacher}: no such file (train_teacher.py writes "
@@ -173,15 +191,13 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
             teacher_sha256 = teacher_sha256 or file_sha256(teacher)
             job.config.update(teacher_sha256=teacher_sha256,
                               teacher_logits="online" if online else "cache")
-    distilled_jobs = [job for job in jobs if job.needs_cache]
-    if distilled_jobs and not os.path.exists(cache_path):
-        kept = option_strings(cache.build_parser())
-        cache_flags = [token for flag, values in groups if flag in kept and flag != "--teacher_ckpt"
-                       for token in (flag, *values)]
-        teacher = distilled_jobs[0].config["teacher_ckpt"]
-        jobs.insert(0, Job("teacher cache", ["-m", "kd.cache"],
-                           ["--teacher_ckpt", teacher, "--out", cache_path, *cache_flags],
-                           args.out_dir, builds_cache=True))
+    if not online and not os.path.exists(cache_path):
+        takes = option_strings(cache.build_parser())
+        flags = [token for flag, values in groups if flag in takes and flag != "--teacher_ckpt"
+                 for token in (flag, *values)]
+        teacher = next(job for job in jobs if job.distills).config["teacher_ckpt"]
+        jobs.insert(0, Job("teacher cache", "kd.cache",
+                           ["--teacher_ckpt", teacher, "--out", cache_path, *flags], args.out_dir))
     return jobs
 
 
@@ -226,7 +242,8 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     pending, running, failed, finished, stopping = list(jobs), {}, [], 0, False
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
+        share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
+        env["OMP_NUM_THREADS"] = str(min(share, max(1, int(asked))) if asked.isdigit() else share)
     while pending or running:
         if stop_requested() and not stopping:
             pending, stopping = [], True
@@ -234,7 +251,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                 process.send_signal(signal.SIGTERM)  # its own session: no Ctrl-C reached it
         building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
         for slot in [s for s in range(len(slots)) if s not in running]:
-            job = next((j for j in pending if not (j.needs_cache and building)), None)
+            job = next((j for j in pending if not (j.distills and building)), None)
             if job is None:
                 break
             pending.remove(job)
@@ -263,8 +280,8 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
             failed.append((job, f"exit code {process.returncode} after {minutes:.1f} min"))
             if job.builds_cache:
                 failed += [(j, "not run: the teacher cache build failed")
-                           for j in pending if j.needs_cache]
-                pending = [j for j in pending if not j.needs_cache]
+                           for j in pending if j.distills]
+                pending = [j for j in pending if not j.distills]
     if stop_requested():
         raise StopRequested("the runs that were going keep their last.pt; the same command "
                             "resumes the study")

@@ -43,6 +43,17 @@ positive_int = number(int, 1)
 positive_float = number(float, 0, low_open=True)
 
 
+def held_out_images(text: str) -> int:
+    """--val_size: a class-balanced hold-out takes the same number of images of each class."""
+    value = number(int, 0)(text)
+    if value % 100:
+        raise argparse.ArgumentTypeError(f"must be a multiple of the 100 classes, got {text}")
+    return value
+
+
+held_out_images.__name__ = "int"
+
+
 def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int, lr: float
                 ) -> argparse.ArgumentParser:
     """Flags every script shares; the keyword arguments are that script's defaults."""
@@ -58,7 +69,7 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
     p.add_argument("--warmup_epochs", type=number(float, 0), default=1.0,
                    help="linear learning-rate warmup before the per-step cosine decay")
     add_data_flags(p)
-    p.add_argument("--val_size", type=number(int, 0), default=0,
+    p.add_argument("--val_size", type=held_out_images, default=0,
                    help="hold out this many training images (class-balanced, seeded) as a "
                         "validation set that picks best.pt; 0: best.pt is picked on the test set")
     add_device_flag(p)

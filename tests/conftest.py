@@ -1,5 +1,6 @@
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,24 @@ def fake_data(tmp_path_factory) -> str:
     return str(root)
 
 
+# A short run of any script on fake_data (the pipeline tests, the teacher below, the study)
+TINY_RUN = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
+
+
+@pytest.fixture(scope="session")
+def runs_root(fake_data, tmp_path_factory) -> Path:
+    """A folder holding `teacher`: train_teacher.py run as a user runs it, from scratch at 32 px,
+    trained once per session for every test that needs a teacher checkpoint; the pipeline tests
+    add their runs beside it."""
+    root = tmp_path_factory.mktemp("runs")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_teacher.py"), "--out_dir", str(root / "teacher"),
+         "--pretrained", "none", "--img_size", "32", "--lr", "0.02", "--data_dir", fake_data,
+         *TINY_RUN], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
 @pytest.fixture(autouse=True)
 def no_weight_downloads(monkeypatch, tmp_path):
     """Keep torch's weight cache empty and private, so no test depends on what a machine cached."""
@@ -40,13 +59,17 @@ def no_weight_downloads(monkeypatch, tmp_path):
 def run_in_process(script, argv: list[str], monkeypatch, capsys) -> SimpleNamespace:
     """Run a script's main() (a path under the repo, or the function) through
     kd.errors.run_script in this process, as `python script argv` would, without seconds of
-    imports; returns its exit code and stderr."""
+    imports; returns its exit code, stdout and stderr."""
     main = runpy.run_path(str(REPO / script))["main"] if isinstance(script, str) else script
     monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
     monkeypatch.setattr(kd.errors.signal, "signal", lambda *a: None)  # keep pytest's Ctrl-C
-    with pytest.raises(SystemExit) as exit_info:
+    try:
         kd.errors.run_script(main)
-    return SimpleNamespace(returncode=exit_info.value.code, stderr=capsys.readouterr().err)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def assert_one_line_error(result, *phrases) -> None:

@@ -17,7 +17,7 @@ from kd.synthetic import write_fake_cifar100
 
 pytestmark = pytest.mark.slow  # torchrun with two processes
 
-COMMON = ["--epochs", "2", "--batch_size", "50", "--eval_batch_size", "32", "--no-download"]
+COMMON = ["--epochs", "1", "--batch_size", "50", "--eval_batch_size", "32", "--no-download"]
 
 
 def torchrun(script, *args, nproc=2, check=True):
@@ -50,7 +50,7 @@ def ddp_runs(fake_data, tmp_path_factory):
 def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, fake_data, name):
     folder = ddp_runs / name
     rows = list(csv.DictReader(open(folder / "log.csv")))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in rows] == ["1"]
     config = json.load(open(folder / "config.json"))
     assert config["world_size"] == 2 and config["per_rank_batch_size"] == 25
     ckpt = torch.load(folder / "last.pt", weights_only=True)
@@ -71,31 +71,31 @@ def test_resume_with_another_process_count(ddp_runs, fake_data, tmp_path):
     cmd = [sys.executable, str(REPO / "distill_student.py"), "--out_dir", str(folder),
            "--data_dir", fake_data, "--teacher_ckpt", str(ddp_runs / "teacher" / "best.pt"),
            "--resume", *COMMON]
-    cmd[cmd.index("--epochs") + 1] = "3"
+    cmd[cmd.index("--epochs") + 1] = "2"
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(folder / "log.csv")))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
     assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
 def test_a_complete_run_says_so_once(ddp_runs, fake_data):
     result = torchrun("train_student.py", "--out_dir", str(ddp_runs / "baseline"), "--data_dir",
                       fake_data, "--resume", *COMMON)
-    assert result.stdout.count("the run is already complete at epoch 2") == 1
+    assert result.stdout.count("the run is already complete at epoch 1") == 1
 
 
 def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
-    """Two processes build shards of 13 and 12 images; the file equals a one-process build."""
+    """Two processes build shards of 3 and 2 images; the file equals a one-process build."""
     data = str(tmp_path / "data")
-    write_fake_cifar100(data, n_train=25, n_test=10, seed=6)
+    write_fake_cifar100(data, n_train=5, n_test=10, seed=6)
     teacher = str(ddp_runs / "teacher" / "best.pt")
     torchrun("kd/cache.py", "--teacher_ckpt", teacher, "--out", str(tmp_path / "shared.pt"),
              "--data_dir", data, "--no-download", "--device", "cpu")
     open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), teacher, data,
                torch.device("cpu"), contextlib.nullcontext, download=False)
     shared, single = load_cache(str(tmp_path / "shared.pt")), load_cache(str(tmp_path / "single.pt"))
-    assert shared.header == single.header and shared.logits.shape == (25, 162, 100)
+    assert shared.header == single.header and shared.logits.shape == (5, 162, 100)
     a, b = shared.logits.float(), single.logits.float()  # fp16: a few ulps of the largest logit
     assert (a - b).abs().max() <= 2 ** -9 * b.abs().max()
 

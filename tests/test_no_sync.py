@@ -13,7 +13,7 @@ from test_train import optimization, train_loader
 
 
 def host_reads_in_epoch(fake_data, n_images: int, refresh_every: int, monkeypatch) -> int:
-    loader = train_loader(fake_data, batch_size=25, n_images=n_images)
+    loader = train_loader(fake_data, batch_size=10, n_images=n_images)
     model = build_student()
     opt = optimization(model, len(loader), warmup_epochs=1 / len(loader))
     tolist_calls = []
@@ -26,12 +26,12 @@ def host_reads_in_epoch(fake_data, n_images: int, refresh_every: int, monkeypatc
 
 
 def test_host_reads_do_not_grow_with_steps(fake_data, monkeypatch):
-    four_steps = host_reads_in_epoch(fake_data, 100, 1000, monkeypatch)
-    eight_steps = host_reads_in_epoch(fake_data, 200, 1000, monkeypatch)
+    four_steps = host_reads_in_epoch(fake_data, 40, 1000, monkeypatch)
+    eight_steps = host_reads_in_epoch(fake_data, 80, 1000, monkeypatch)
     assert four_steps == eight_steps <= 3
 
 
 def test_progress_bar_is_the_only_periodic_read(fake_data, monkeypatch):
-    quiet = host_reads_in_epoch(fake_data, 200, 1000, monkeypatch)
-    every_other = host_reads_in_epoch(fake_data, 200, 2, monkeypatch)
+    quiet = host_reads_in_epoch(fake_data, 80, 1000, monkeypatch)
+    every_other = host_reads_in_epoch(fake_data, 80, 2, monkeypatch)
     assert every_other - quiet == 4 * 2  # 4 refreshes x (NaN check + loss for the bar)

@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, run_in_process
+from conftest import REPO, TINY_RUN, assert_one_line_error, run_in_process
 from kd.checkpoint import file_sha256
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.synthetic import write_fake_cifar100
 
 pytestmark = pytest.mark.slow  # the fixture trains three runs in subprocesses
 
-COMMON = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
+COMMON = TINY_RUN
 
 
 def run(script, *args, check=True):
@@ -28,11 +28,9 @@ def run(script, *args, check=True):
 
 
 @pytest.fixture(scope="module")
-def runs(fake_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+def runs(fake_data, runs_root):
+    root = runs_root  # holds the teacher already
     data = ["--data_dir", fake_data]
-    run("train_teacher.py", "--out_dir", str(root / "teacher"), "--pretrained", "none",
-        "--img_size", "32", "--lr", "0.02", *COMMON, *data)
     run("train_student.py", "--out_dir", str(root / "baseline"), *COMMON, *data)
     run("distill_student.py", "--out_dir", str(root / "kd"), "--teacher_ckpt",
         str(root / "teacher" / "best.pt"), "--alpha", "0.3", "--T", "2", "--val_size", "100",
@@ -245,14 +243,15 @@ def test_kd_from_the_cache_matches_online_kd(cached_and_online):
     assert json.load(open(root / "cached" / "summary.json"))["teacher_cache_sha256"] == sha
 
 
-def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online):
+def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online, monkeypatch,
+                                                         capsys):
     root, common, _ = cached_and_online
     more = [*common, "--epochs", "3"]  # the last --epochs wins
-    result = run("distill_student.py", "--out_dir", str(root / "online"), "--resume",
-                 "--teacher_cache", str(root / "cache.pt"), *more, check=False)
+    result = run_in_process("distill_student.py", ["--out_dir", root / "online", "--resume",
+                            "--teacher_cache", root / "cache.pt", *more], monkeypatch, capsys)
     assert_one_line_error(result, "teacher_logits online -> cache")
-    result = run("distill_student.py", "--out_dir", str(root / "cached"), "--resume", *more,
-                 check=False)
+    result = run_in_process("distill_student.py", ["--out_dir", root / "cached", "--resume",
+                                                   *more], monkeypatch, capsys)
     assert_one_line_error(result, "teacher_logits cache -> online")
 
 
@@ -261,11 +260,14 @@ def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online):
     ("dist", [], ["train_ce", "train_inter", "train_intra"]),
     ("kd", ["--logit_std", "--alpha", "0.1", "--T", "2"], ["train_ce", "train_kd"]),
 ])
-def test_every_method_runs_from_the_cache(cached_and_online, method, flags, terms):
+def test_every_method_runs_from_the_cache(cached_and_online, method, flags, terms, monkeypatch,
+                                          capsys):
     root, common, _ = cached_and_online
     folder = root / f"{method}_{len(flags)}"
-    run("distill_student.py", "--out_dir", str(folder), "--teacher_cache", str(root / "cache.pt"),
-        "--method", method, *flags, *common, "--epochs", "1")
+    result = run_in_process("distill_student.py", ["--out_dir", folder, "--teacher_cache",
+                            root / "cache.pt", "--method", method, *flags, *common, "--epochs",
+                            "1"], monkeypatch, capsys)
+    assert result.returncode == 0, result.stderr
     header = open(folder / "log.csv").readline().strip().split(",")
     assert header[2:4 + len(terms)] == ["train_loss", "train_top1", *terms]
     config = json.load(open(folder / "config.json"))

@@ -2,6 +2,7 @@
 selection on validation data and the paired confidence interval; and a tiny study end to end."""
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,9 @@ def test_plan_runs_the_baseline_and_every_grid_point_per_seed(tmp_path, teacher_
     by_name = {job.name: job for job in jobs}
     ce = by_name["ce/seed1"].config
     assert (ce["seed"], ce["val_size"], ce["epochs"], ce["lr"]) == (1, 5000, 3, 0.1)
-    assert "teacher_ckpt" not in ce and not by_name["ce/seed1"].needs_cache
+    assert "teacher_ckpt" not in ce and not by_name["ce/seed1"].distills
     kd = by_name["kd-T4-alpha0.9/seed0"]
-    assert kd.needs_cache and kd.out_dir == f"{out}/kd-T4-alpha0.9/seed0"
+    assert kd.distills and kd.out_dir == f"{out}/kd-T4-alpha0.9/seed0"
     assert (kd.config["method"], kd.config["T"], kd.config["alpha"], kd.config["dkd_beta"]) == \
         ("kd", 4.0, 0.9, 8.0)  # dkd_beta is dkd's: kd runs keep the default
     assert kd.config["teacher_cache"] == f"{out}/teacher_cache.pt"
@@ -68,13 +69,15 @@ def test_plan_runs_the_baseline_and_every_grid_point_per_seed(tmp_path, teacher_
 
 
 def test_plan_without_cache_build(tmp_path, teacher_file):
-    argv = ["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file]
-    online = planned([*argv, "--teacher_cache", "none"])
+    argv = ["--out_dir", str(tmp_path), "--teacher_ckpt", teacher_file]
+    online = planned([*argv, "--teacher_cache", "none", "--seeds", "0"])
     assert [job.name for job in online] == ["ce/seed0", "kd/seed0"]  # no grid: one point
     assert "--teacher_cache" not in online[1].argv and online[1].config["teacher_logits"] == "online"
+    repeated = planned([*argv, "--teacher_cache", "none", "--seeds", "0", "0", "--T", "2", "2"])
+    assert [job.name for job in repeated] == ["ce/seed0", "kd-T2/seed0"]  # once each
     existing = tmp_path / "cache.pt"
     existing.write_bytes(b"")
-    cached = planned([*argv, "--teacher_cache", str(existing)])
+    cached = planned([*argv, "--teacher_cache", str(existing), "--seeds", "0"])
     assert not any(job.builds_cache for job in cached)  # the runs check the file themselves
     assert cached[1].config["teacher_cache"] == str(existing)
 
@@ -131,6 +134,7 @@ def test_existing_runs_are_skipped_resumed_restarted_or_refused(tmp_path, teache
     (["--resume"], "--resume is the study's to set"),
     (["--learning_rate", "1"], "--learning_rate is a flag of neither"),
     (["--dkd_beta", "1", "2"], "--dkd_beta is read by no --method of the study (kd)"),
+    (["--method"], "--method needs one method or more"),
     (["--alpha", "2"], "argument --alpha: must be in [0, 1]"),
     (["--method", "kd", "fitnets"], "argument --method: invalid choice: 'fitnets'"),
     (["--val_size", "0"], "argument --val_size: must be >= 100"),
@@ -146,12 +150,10 @@ def test_bad_study_flags_are_one_line(argv, phrase, tmp_path, teacher_file, monk
 
 def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # scripts are shown relative to the current folder
-    monkeypatch.setattr(sys, "argv", ["study.py", "--out_dir", str(tmp_path), "--teacher_ckpt",
-                                      teacher_file, "--seeds", "3", "--T", "1", "2", "--dry_run",
-                                      *COMMON])
-    study.main()
-    captured = capsys.readouterr()
-    lines = captured.out.splitlines()
+    captured = run_in_process("study.py", ["--out_dir", tmp_path, "--teacher_ckpt", teacher_file,
+                                           "--seeds", "3", "--T", "1", "2", "--dry_run", *COMMON],
+                              monkeypatch, capsys)
+    lines = captured.stdout.splitlines()
     python = Path(sys.executable).name
     assert lines[0] == (f"{python} -m kd.cache --teacher_ckpt {teacher_file} --out "
                         f"{tmp_path}/teacher_cache.pt --no-download")
@@ -161,7 +163,7 @@ def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch,
                         f"--val_size 5000 {' '.join(COMMON)} --teacher_ckpt {teacher_file} "
                         f"--method kd --T 2 --teacher_cache {tmp_path}/teacher_cache.pt")
     assert len(lines) == 4 and "4 commands, 0 finished runs left out; the first builds" in \
-        captured.err
+        captured.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "teacher.pt"]  # nothing written
 
 
@@ -170,30 +172,37 @@ def test_gpu_slots_on_the_cpu():
     assert study.gpu_slots("cpu", 3) == [None, None, None]
 
 
-def fake_job(tmp_path: Path, name: str, code: str, **kind) -> study.Job:
-    return study.Job(name, ["-c", code], [], str(tmp_path / name), **kind)
+class FakeJob(study.Job):
+    """A job that runs a line of Python instead of its script."""
+
+    def __init__(self, tmp_path: Path, name: str, code: str, script: str = "train_student.py"):
+        super().__init__(name, script, [], str(tmp_path / name))
+        self.code = code
+
+    def command(self, *, shown: bool = True) -> list[str]:
+        return [sys.executable, "-c", self.code]
 
 
 @pytest.mark.slow
 def test_scheduler_waits_for_the_cache_and_reports_failures(tmp_path):
     order = tmp_path / "order.txt"
     write = lambda tag: f"open({str(order)!r}, 'a').write({tag!r} + '\\n')"
-    build = fake_job(tmp_path, "cache", f"import time; time.sleep(1); {write('cache')}",
-                     builds_cache=True)
-    ce = fake_job(tmp_path, "ce", write("ce"))
-    kd = fake_job(tmp_path, "kd", write("kd"), needs_cache=True)
-    broken = fake_job(tmp_path, "broken", "print('first'); raise SystemExit('error: it broke')")
+    build = FakeJob(tmp_path, "cache", f"import time; time.sleep(1); {write('cache')}",
+                    "kd.cache")
+    ce = FakeJob(tmp_path, "ce", write("ce"))
+    kd = FakeJob(tmp_path, "kd", write("kd"), "distill_student.py")
+    broken = FakeJob(tmp_path, "broken", "print('first'); raise SystemExit('error: it broke')")
     failed = study.run_all([build, kd, ce, broken], [None, None])
     assert order.read_text().split() == ["ce", "cache", "kd"]  # kd waited; ce did not
     assert [(job.name, why.split(" after")[0]) for job, why in failed] == [("broken", "exit code 1")]
     text = study.failure_report(failed, 4)
     assert "1 of 4 study jobs failed" in text and "| error: it broke" in text and "| first" in text
 
-    failing_build = fake_job(tmp_path, "cache2", "raise SystemExit(2)", builds_cache=True)
-    kd2 = fake_job(tmp_path, "kd2", write("kd2"), needs_cache=True)
+    failing_build = FakeJob(tmp_path, "cache2", "raise SystemExit(2)", "kd.cache")
+    kd2 = FakeJob(tmp_path, "kd2", write("kd2"), "distill_student.py")
     failed = study.run_all([failing_build, kd2], [None])
-    assert [(job.name, why) for job, why in failed][1] == (
-        "kd2", "not run: the teacher cache build failed")
+    assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
+        ("cache2", "exit code 2"), ("kd2", "not run: the teacher cache build failed")]
     assert "kd2" not in order.read_text()
 
 
@@ -256,54 +265,43 @@ def test_study_needs_one_baseline(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end(fake_data, tmp_path):
+def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, capsys):
     """Two seeds x (CE + two kd points), one epoch each on generated data: a command printed by
-    --dry_run runs as printed, the study runs the rest, and the report has the study section;
-    then the same command resumes a stopped run, and a changed flag is refused naming it."""
-    teacher = tmp_path / "teacher"
-    subprocess.run([sys.executable, str(REPO / "train_teacher.py"), "--out_dir", str(teacher),
-                    "--pretrained", "none", "--img_size", "32", "--data_dir", fake_data, *COMMON],
-                   check=True, capture_output=True, cwd=tmp_path)
+    --dry_run runs as printed, `python study.py` runs the rest, and the report has the study
+    section; then the same command resumes a stopped run, and a changed flag is refused."""
     out = tmp_path / "study"
-    argv = [sys.executable, str(REPO / "study.py"), "--out_dir", str(out), "--seeds", "0", "1",
-            "--teacher_ckpt", str(teacher / "best.pt"), "--teacher_cache", "none", "--T", "2",
-            "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data, *COMMON]
-    dry = subprocess.run([*argv, "--dry_run"], capture_output=True, text=True, cwd=tmp_path,
-                         check=True)
-    commands = dry.stdout.splitlines()
-    assert len(commands) == 6 and f"/ce/seed1 " in commands[3]
-    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=tmp_path)
+    argv = ["--out_dir", str(out), "--seeds", "0", "1", "--teacher_ckpt",
+            str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--T", "2", "4",
+            "--val_size", "100", "--jobs", "2", "--data_dir", fake_data, *COMMON]
+    commands = run_in_process("study.py", [*argv, "--dry_run"], monkeypatch,
+                              capsys).stdout.splitlines()
+    assert len(commands) == 6 and "/ce/seed1 " in commands[3]
+    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=REPO)
 
-    first = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    first = subprocess.run([sys.executable, str(REPO / "study.py"), *argv], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "6 jobs, 1 already done" in first.stdout and first.stdout.count("done  ") == 5
     for name in ["ce", "kd-T2", "kd-T4"]:
         for seed in (0, 1):
             config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
-            assert (config["seed"], config["val_size"]) == (seed, 100)
+            assert (config["seed"], config["val_size"], config["epochs"]) == (seed, 100, 1)
             assert (out / name / f"seed{seed}" / "summary.json").exists()
-    assert json.loads((out / "study.json").read_text())["commands"][0].endswith(
-        " ".join(argv[2:]))
+    assert json.loads((out / "study.json").read_text())["commands"][0].endswith(shlex.join(argv))
 
-    text = subprocess.run([sys.executable, str(REPO / "plots" / "plot_runs.py"), str(out),
-                           "--out", str(tmp_path / "report"), "--no-cost"], capture_output=True,
-                          text=True, cwd=tmp_path, check=True).stdout
-    section = text.split("## Study: ")[1]
+    section = report(out, "--out", tmp_path / "report", "--no-cost").split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
+    assert "| T=2 | 2 |" in section or "| T=2 (selected) | 2 |" in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
         assert (tmp_path / "report" / name).exists()
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
-    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stderr
-    assert "6 jobs, 5 already done, 1 to resume" in again.stdout
+    again = run_in_process("study.py", argv, monkeypatch, capsys)
+    assert again.returncode == 0 and "6 jobs, 5 already done, 1 to resume" in again.stdout
     output = (out / "kd-T4" / "seed1" / study.OUTPUT_FILE).read_text()
     assert [line for line in output.splitlines() if line.startswith("$ ")][-1].endswith(" --resume")
     assert (out / "kd-T4" / "seed1" / "summary.json").exists()
 
-    changed = subprocess.run([*argv, "--lr", "0.05"], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=600)
-    assert changed.returncode == 2
-    assert changed.stderr.strip().splitlines() == [
-        f"error: {out}/ce/seed0 holds a run with other settings (--lr 0.2 -> 0.05); run the "
-        f"study with the flags it was made with, or another --out_dir"]
+    changed = run_in_process("study.py", [*argv, "--lr", "0.05"], monkeypatch, capsys)
+    assert_one_line_error(changed, f"{out}/ce/seed0 holds a run with other settings "
+                                   f"(--lr 0.2 -> 0.05)")
