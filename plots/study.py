@@ -100,8 +100,9 @@ def grid_points(groups: list[Group]) -> list[Point]:
                for g in groups]
     axes = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)]
     axes += [k for c in configs for k in c if k not in configs[0] and k not in axes]
-    return [Point(g.runs[0].method, {k: c.get(k) for k in axes}, g.runs)
-            for g, c in zip(groups, configs)]
+    points = [Point(g.runs[0].method, {k: c.get(k) for k in axes}, g.runs)
+              for g, c in zip(groups, configs)]
+    return sorted(points, key=lambda p: tuple(map(sort_key, p.setting.values())))
 
 
 @dataclass
@@ -225,9 +226,9 @@ def plot_study_curves(study: Study, path: Path) -> None:
     points = ([study.baseline] if study.baseline else []) + list(study.selected.values())
     for point in points:
         curves = pd.concat([run.log.set_index("epoch")["test_top1"] for run in point.runs], axis=1)
+        name = "CE baseline" if point is study.baseline else f"{point.method} {point.label}"
         line, = ax.plot(curves.index, curves.mean(axis=1), linewidth=1.5,
-                        label=f"{point.method} {point.label if point.method != 'ce' else ''} "
-                              f"(n={len(point.runs)})")
+                        label=f"{name} (n={len(point.runs)})")
         ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1),
                         color=line.get_color(), alpha=0.2)
     ax.set(title="Test top-1: CE baseline and each method's selected point (band: seed range)",
