@@ -25,6 +25,7 @@ each run's output goes to study_output.log in its folder. A failed run is report
 with its command and last output lines, and the others go on.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -49,6 +50,7 @@ from kd.rundir import changed_settings, existing_run_files
 REPO = Path(__file__).resolve().parent
 STUDY_FILE = "study.json"  # marks a study folder for plots/plot_runs.py; the commands run in it
 OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
+LOCK_FILE = ".study.lock"  # while a study.py runs in the folder: its process id
 
 
 @dataclass
@@ -180,9 +182,14 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
                "distill_student.py": distill_student.build_parser()}
     for script, parser in parsers.items():
         parser.prog = script  # its errors name the script they are about
-    teacher_sha256 = None
+    teacher_sha256, seen = None, {}
     for job in jobs:
         job.config = vars(parsers[job.script].parse_args(job.argv))  # bad values: one line, exit 2
+        same = json.dumps({k: v for k, v in job.config.items() if k != "out_dir"}, sort_keys=True)
+        if same in seen:
+            raise UserError(f"{seen[same]} and {job.name} would be the same run (a value given "
+                            f"twice, as 4 and 4.0?)")
+        seen[same] = job.name
         if job.distills:
             teacher = job.config["teacher_ckpt"]
             if not os.path.isfile(teacher):
@@ -202,19 +209,19 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
 
 
 def to_do(job: Job) -> str:
-    """'run', 'resume', 'restart' (no epoch was saved) or 'done' for the job's run folder.
-    Refuses a folder holding a run with other settings than the job's."""
-    if job.builds_cache:
-        return "run"
-    files = existing_run_files(job.out_dir)
-    if not files:
-        return "run"
+    """'run', 'resume', 'restart' (the folder holds no saved epoch) or 'done' for the job's run
+    folder. Refuses a folder holding a run with other settings than the job's."""
+    files = existing_run_files(job.out_dir) if not job.builds_cache else []
+    if "last.pt" not in files and "log.csv" not in files:
+        return "restart" if files else "run"  # nothing was computed there yet
     try:
         with open(os.path.join(job.out_dir, "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
+        saved = f"{type(e).__name__}: {e}"
+    if not isinstance(saved, dict):
         raise UserError(f"{job.out_dir} holds {', '.join(files)} but no readable config.json "
-                        f"({e}); move it away or pick another --out_dir") from None
+                        f"({saved}); move it away or pick another --out_dir")
     changed = changed_settings(saved, job.config, job.config)
     if changed:
         raise UserError(f"{job.out_dir} holds a run with other settings ({', '.join(changed)}); "
@@ -227,6 +234,8 @@ def to_do(job: Job) -> str:
 def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
     """One entry per run at a time: the CUDA_VISIBLE_DEVICES of its runs, None on the CPU."""
     gpus = []
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to this process")
     if device != "cpu" and torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         names = [v.strip() for v in visible.split(",")] if visible else []
@@ -236,64 +245,76 @@ def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
 
 
 def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
-    """Run the jobs in order, at most one per slot at a time, those that need the cache after its
-    build; returns each failed job with why. On Ctrl-C/SIGTERM the running ones are stopped (each
-    keeps its last.pt) and StopRequested is raised."""
-    pending, running, failed, finished, stopping = list(jobs), {}, [], 0, False
+    """Run the jobs in order, at most one per slot at a time, the distilled runs after the cache
+    build; returns each failed job with why. On Ctrl-C/SIGTERM, or any error here, the running
+    ones are stopped (a run keeps its last.pt) before this returns or raises."""
+    pending, running, failed, finished = list(jobs), {}, [], 0
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
         share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
         env["OMP_NUM_THREADS"] = str(min(share, max(1, int(asked))) if asked.isdigit() else share)
-    while pending or running:
-        if stop_requested() and not stopping:
-            pending, stopping = [], True
-            for job, process, _, _ in running.values():
-                process.send_signal(signal.SIGTERM)  # its own session: no Ctrl-C reached it
-        building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
-        for slot in [s for s in range(len(slots)) if s not in running]:
-            job = next((j for j in pending if not (j.distills and building)), None)
-            if job is None:
+    try:
+        while pending or running:
+            if stop_requested():
                 break
-            pending.remove(job)
-            os.makedirs(job.out_dir, exist_ok=True)
-            log = open(os.path.join(job.out_dir, OUTPUT_FILE), "a")
-            log.write(f"$ {shlex.join(job.command())}\n")
-            log.flush()
-            gpu = {"CUDA_VISIBLE_DEVICES": slots[slot]} if slots[slot] is not None else {}
-            process = subprocess.Popen(job.command(shown=False), stdout=log,
-                                       stderr=subprocess.STDOUT, env={**env, **gpu},
-                                       start_new_session=True)
-            running[slot] = (job, process, log, time.perf_counter())
-            print(f"start {job.name}" + (f" (GPU {slots[slot]})" if gpu else ""), flush=True)
-        time.sleep(0.2)
-        for slot, (job, process, log, start) in list(running.items()):
-            if process.poll() is None:
-                continue
+            building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
+            for slot in [s for s in range(len(slots)) if s not in running]:
+                job = next((j for j in pending if not (j.distills and building)), None)
+                if job is None:
+                    break
+                pending.remove(job)
+                running[slot] = start(job, slots[slot], env)
+            time.sleep(0.2)
+            for slot, (job, process, log, began) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[slot]
+                minutes = (time.perf_counter() - began) / 60
+                if process.returncode == 0:
+                    finished += 1
+                    print(f"done  {job.name} in {minutes:.1f} min{result_line(job)} "
+                          f"[{finished}/{len(jobs)}]", flush=True)
+                    continue
+                failed.append((job, f"exit code {process.returncode} after {minutes:.1f} min"))
+                if job.builds_cache:
+                    failed += [(j, "not run: the teacher cache build failed")
+                               for j in pending if j.distills]
+                    pending = [j for j in pending if not j.distills]
+    finally:
+        for job, process, log, _ in running.values():  # started in their own sessions: no
+            process.send_signal(signal.SIGTERM)        # Ctrl-C reached them
+        for job, process, log, _ in running.values():
+            process.wait()
             log.close()
-            del running[slot]
-            minutes = (time.perf_counter() - start) / 60
-            if process.returncode == 0:
-                finished += 1
-                print(f"done  {job.name} in {minutes:.1f} min{result_line(job)} "
-                      f"[{finished}/{len(jobs)}]", flush=True)
-                continue
-            failed.append((job, f"exit code {process.returncode} after {minutes:.1f} min"))
-            if job.builds_cache:
-                failed += [(j, "not run: the teacher cache build failed")
-                           for j in pending if j.distills]
-                pending = [j for j in pending if not j.distills]
     if stop_requested():
         raise StopRequested("the runs that were going keep their last.pt; the same command "
                             "resumes the study")
     return failed
 
 
+def start(job: Job, gpu: str | None, env: dict) -> tuple:
+    """Start the job on gpu (None: the CPU), its output appended to its folder's log."""
+    try:
+        os.makedirs(job.out_dir, exist_ok=True)
+        log = open(os.path.join(job.out_dir, OUTPUT_FILE), "a")
+        log.write(f"$ {shlex.join(job.command())}\n")
+        log.flush()
+        visible = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        process = subprocess.Popen(job.command(shown=False), stdout=log, stderr=subprocess.STDOUT,
+                                   env={**env, **visible}, start_new_session=True)
+    except OSError as e:
+        raise UserError(f"cannot start {job.name} in {job.out_dir}: {e}") from None
+    print(f"start {job.name}" + (f" (GPU {gpu})" if visible else ""), flush=True)
+    return job, process, log, time.perf_counter()
+
+
 def result_line(job: Job) -> str:
-    """': val_top1 x, test_top1 y' at the run's last epoch, from its summary.json."""
+    """', val_top1 x' at the run's last epoch, from its summary.json (the test numbers wait for
+    the report, after the selection)."""
     try:
         with open(os.path.join(job.out_dir, "summary.json")) as f:
-            last = json.load(f)["last"]
-        return "".join(f", {k} {last[k]:.2f}" for k in ("val_top1", "test_top1") if k in last)
+            return f", val_top1 {json.load(f)['last']['val_top1']:.2f}"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 
@@ -315,39 +336,95 @@ def record_command(out_dir: str) -> None:
     """Add this command to OUT_DIR/study.json, which marks the folder as a study."""
     path = os.path.join(out_dir, STUDY_FILE)
     record = {"commands": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+        commands = record["commands"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {path} ({e}); move it away") from None
     command = shlex.join([os.path.basename(sys.executable), *sys.argv])
-    if command not in record["commands"]:
-        record["commands"].append(command)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(path, record)
+    if command not in commands:
+        commands.append(command)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(path, record)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e}") from None
+
+
+@contextlib.contextmanager
+def only_study_running(out_dir: str):
+    """Refuse to start while another study.py runs in out_dir: both would train, and restart,
+    the same runs. A lock file holds the owner's process id; one left by a dead process is
+    taken over."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+                os.kill(owner, 0)  # raises if no such process
+            except (OSError, ValueError):
+                os.remove(path)  # stale: its study is gone
+                continue
+            raise UserError(f"another study.py (process {owner}) is running in {out_dir}; wait "
+                            f"for it or stop it (or delete {path} if it is not a study)") from None
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def still_to_do(jobs: list[Job]) -> list[Job]:
+    """The jobs whose runs are not finished, with --resume or --overwrite where their folder
+    needs it, and the cache build if a distilled run is left. Refuses folders holding runs with
+    other settings (to_do), naming the first."""
+    todo, refused = [], []
+    for job in jobs:
+        try:
+            action = to_do(job)
+        except UserError as e:
+            refused.append(str(e))
+            continue
+        if action != "done":
+            job.argv += {"resume": ["--resume"], "restart": ["--overwrite"]}.get(action, [])
+            todo.append(job)
+    if refused:
+        more = f" ({len(refused) - 1} more run folders too)" if len(refused) > 1 else ""
+        raise UserError(refused[0] + more)
+    distilled = any(job.distills for job in todo)
+    return [job for job in todo if distilled or not job.builds_cache]
 
 
 def main() -> None:
     args, rest = build_parser().parse_known_args()
     jobs = plan(args, flag_values(rest))
-    actions = {job.name: to_do(job) for job in jobs}
-    extra = {"resume": ["--resume"], "restart": ["--overwrite"]}
-    todo = [job for job in jobs if actions[job.name] != "done"]
-    for job in todo:
-        job.argv += extra.get(actions[job.name], [])
-    done = len(jobs) - len(todo)
     if args.dry_run:
+        todo = still_to_do(jobs)
+        record_command(args.out_dir)  # marks the folder as a study for the report
         for job in todo:
             print(shlex.join(job.command()))
-        say(f"{len(todo)} commands, {done} finished runs left out" +
+        say(f"{len(todo)} commands, {len(jobs) - len(todo)} finished runs left out" +
             ("; the first builds the teacher cache: run it before the others"
              if todo and todo[0].builds_cache else ""))
         return
-    record_command(args.out_dir)
     slots = gpu_slots(jobs[-1].config["device"], args.jobs)
-    print(f"study {args.out_dir}: {len(jobs)} jobs, {done} already done, "
-          f"{sum(a == 'resume' for a in actions.values())} to resume; "
-          f"{len(slots)} at a time on {'GPU ' + ','.join(slots) if slots[0] else 'the CPU'}",
-          flush=True)
-    failed = run_all(todo, slots)
+    record_command(args.out_dir)
+    with only_study_running(args.out_dir):
+        todo = still_to_do(jobs)
+        runs = [job for job in todo if not job.builds_cache]
+        print(f"study {args.out_dir}: {len(runs)} of {len(jobs) - jobs[0].builds_cache} runs to "
+              f"do ({sum('--resume' in job.argv for job in runs)} to resume)"
+              f"{', after the teacher cache build' if len(runs) < len(todo) else ''}; "
+              f"{len(slots)} at a time on {'GPU ' + ','.join(slots) if slots[0] else 'the CPU'}",
+              flush=True)
+        failed = run_all(todo, slots)
     if failed:
         say(failure_report(failed, len(todo)))
         sys.exit(1)

@@ -26,7 +26,7 @@ from kd.checkpoint import atomic_write, file_sha256
 from kd.data import (CIFAR100_MEAN, CIFAR100_STD, FOLDER, NUM_VIEWS, PAD, Split, load_split,
                      normalize, view_pixels)
 from kd.distributed import World, gather_rows, init_world, local_main_first
-from kd.errors import UserError, run_script
+from kd.errors import StopRequested, UserError, run_script, stop_requested
 from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags
 from kd.models import NUM_CLASSES, load_teacher
 from kd.train import MEMORY_FORMAT, make_autocast
@@ -90,7 +90,9 @@ def teacher_view_logits(teacher: nn.Module, pixels: torch.Tensor, views: torch.T
 def build(teacher: nn.Module, train: Split, autocast, world: World, *, batch_views: int = 1296,
           show_progress: bool = True) -> torch.Tensor:
     """[images, NUM_VIEWS, classes] logits of every view (fp16, or float32 when a logit passes
-    fp16's range), on the device. Under torchrun each rank computes a shard and all gather."""
+    fp16's range), on the device. Under torchrun each rank computes a shard and all gather.
+    Ctrl-C/SIGTERM stops a one-process build at the next batch (StopRequested): nothing is
+    written, so there is nothing to resume."""
     start, end = world.rank * len(train) // world.size, (world.rank + 1) * len(train) // world.size
     per_batch = max(1, batch_views // NUM_VIEWS)
     shard = torch.empty(end - start, NUM_VIEWS, NUM_CLASSES, dtype=torch.float16,
@@ -99,6 +101,8 @@ def build(teacher: nn.Module, train: Split, autocast, world: World, *, batch_vie
     bar = tqdm(total=len(shard) * NUM_VIEWS, unit="views", unit_scale=True, desc="teacher cache",
                disable=not (show_progress and world.is_main), dynamic_ncols=True)
     for first in range(0, len(shard), per_batch):
+        if world.size == 1 and stop_requested():  # shards differ in batches: ranks can't agree
+            raise StopRequested("the teacher cache was not written; the same command builds it")
         images = train.images[start + first:min(start + first + per_batch, end)]
         pixels = images.repeat_interleave(NUM_VIEWS, dim=0)
         logits = teacher_view_logits(teacher, pixels, views.repeat(len(images)), autocast)

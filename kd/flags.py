@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from kd.errors import say
+from kd.models import NUM_CLASSES
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,8 +47,9 @@ positive_float = number(float, 0, low_open=True)
 def held_out_images(text: str) -> int:
     """--val_size: a class-balanced hold-out takes the same number of images of each class."""
     value = number(int, 0)(text)
-    if value % 100:
-        raise argparse.ArgumentTypeError(f"must be a multiple of the 100 classes, got {text}")
+    if value % NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"must be a multiple of the {NUM_CLASSES} classes, "
+                                         f"got {text}")
     return value
 
 
@@ -70,7 +72,8 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
                    help="linear learning-rate warmup before the per-step cosine decay")
     add_data_flags(p)
     p.add_argument("--val_size", type=held_out_images, default=0,
-                   help="hold out this many training images (class-balanced, seeded) as a "
+                   help="hold out this many training images (a multiple of 100: class-"
+                        "balanced; drawn from --seed) as a "
                         "validation set that picks best.pt; 0: best.pt is picked on the test set")
     add_device_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds weights init, data order, augmentation")

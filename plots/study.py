@@ -129,6 +129,10 @@ def read_study(label: str, runs: list[Run]) -> Study:
     methods: dict[str, list[Point]] = {}
     for method in dict.fromkeys(g.runs[0].method for g in groups if g not in baselines):
         methods[method] = grid_points([g for g in groups if g.runs[0].method == method])
+        seeds = sorted({len(p.runs) for p in methods[method]})
+        if len(seeds) > 1:
+            notes.append(f"{method}: the grid points have {seeds[0]} to {seeds[-1]} finished "
+                         f"seeds; their means are not equally certain")
     selected = {}
     for method, points in methods.items():
         scored = [(p.mean_std("val_top1")[0], i) for i, p in enumerate(points)]
@@ -245,7 +249,9 @@ def study_section(study: Study, out: Path, prefix: str) -> str:
              "Each method's grid point is picked by its mean validation top-1 at the last epoch; "
              "the table then reports that point's last-epoch test numbers (mean ± sample std over "
              f"seeds). Gain: test top-1 minus the CE baseline's, paired by seed, with a two-sided "
-             f"{LEVEL:.0%} Student-t interval on the mean of the per-seed differences."]
+             f"{LEVEL:.0%} Student-t interval on the mean of the per-seed differences. The "
+             f"interval does not account for picking the point among the grid on the same "
+             f"seeds, which biases the gain upward: confirm it on fresh seeds (README, Study)."]
     parts += [f"- {note}" for note in study.notes]
     if not study.baseline and not study.selected:
         return "\n\n".join(parts)

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import kd.cache
+
 from kd.cache import TeacherCache, load_cache, open_cache, view_logits
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split, load_split
-from kd.errors import UserError
+from kd.errors import StopRequested, UserError
 from kd.synthetic import write_fake_cifar100
 
 CPU = torch.device("cpu")
@@ -156,3 +158,13 @@ def test_spot_check_catches_swapped_flips(built, small_data, tmp_path):
     with pytest.raises(UserError, match="disagrees with the live teacher"):
         open_cache(str(tmp_path / "swapped.pt"), built["teacher"], built["ckpt"], small_data, CPU,
                    contextlib.nullcontext, download=False)
+
+
+def test_ctrl_c_stops_a_build_and_writes_nothing(small_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(kd.cache, "stop_requested", lambda: True)
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"the teacher checkpoint's bytes")
+    with pytest.raises(StopRequested, match="the teacher cache was not written"):
+        open_cache(str(tmp_path / "cache.pt"), TinyTeacher().eval(), str(ckpt), small_data, CPU,
+                   contextlib.nullcontext, download=False)
+    assert list(tmp_path.iterdir()) == [ckpt]

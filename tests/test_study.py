@@ -2,6 +2,7 @@
 selection on validation data and the paired confidence interval; and a tiny study end to end."""
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -106,26 +107,57 @@ def test_each_method_reads_exactly_its_flags():
 
 
 def test_existing_runs_are_skipped_resumed_restarted_or_refused(tmp_path, teacher_file):
-    jobs = planned(["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file,
-                    "--teacher_cache", "none", *COMMON])
+    jobs = planned(["--out_dir", str(tmp_path), "--seeds", "0", "1", "--teacher_ckpt",
+                    teacher_file, "--teacher_cache", "none", *COMMON])
     job = jobs[1]
     assert study.to_do(job) == "run"
     folder = Path(job.out_dir)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({**job.config, "device_name": "cpu",
-                                                    "overwrite": True}))
-    assert study.to_do(job) == "restart"  # no epoch saved
+    write_config = lambda **change: (folder / "config.json").write_text(
+        json.dumps({**job.config, "device_name": "cpu", "overwrite": True, **change}))
+    write_config(lr=0.5)
+    assert study.to_do(job) == "restart"  # no epoch saved: other settings do not matter
     (folder / "last.pt").write_bytes(b"")
+    write_config()
     assert study.to_do(job) == "resume"
     (folder / "summary.json").write_text("{}")
     assert study.to_do(job) == "done"
-    (folder / "config.json").write_text(json.dumps({**job.config, "lr": 0.3, "T": 2.0}))
+    write_config(lr=0.3, T=2.0)
     with pytest.raises(UserError, match=r"holds a run with other settings \(--T 2.0 -> 4.0, "
                                         r"--lr 0.3 -> 0.2\)"):
         study.to_do(job)
-    (folder / "config.json").write_text(json.dumps({**job.config, "teacher_sha256": "other"}))
+    write_config(teacher_sha256="other")
     with pytest.raises(UserError, match="--teacher_sha256 other -> "):
         study.to_do(job)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(UserError, match="no readable config.json"):
+        study.to_do(job)
+    other = Path(jobs[3].out_dir)  # the kd run of seed 1
+    other.mkdir(parents=True)
+    (other / "log.csv").write_text("epoch\n")
+    (other / "config.json").write_text(json.dumps({**jobs[3].config, "lr": 0.3}))
+    with pytest.raises(UserError, match=r"kd/seed0 holds .* no readable config.json .* "
+                                        r"\(1 more run folders too\)"):
+        study.still_to_do(jobs)
+
+
+def test_one_study_at_a_time_in_a_folder(tmp_path):
+    lock = tmp_path / study.LOCK_FILE
+    with study.only_study_running(str(tmp_path)):
+        assert lock.read_text() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"another study.py \(process {os.getpid()}\)"):
+            with study.only_study_running(str(tmp_path)):
+                pass
+    assert not lock.exists()
+    lock.write_text("999999999")  # no such process: a study killed without cleaning up
+    with study.only_study_running(str(tmp_path)):
+        assert lock.read_text() == str(os.getpid())
+
+
+def test_the_same_run_twice_is_refused(tmp_path, teacher_file):
+    with pytest.raises(UserError, match="kd-T4/seed0 and kd-T4.0/seed0 would be the same run"):
+        planned(["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file,
+                 "--T", "4", "4.0"])
 
 
 @pytest.mark.parametrize("argv, phrase", [
@@ -164,7 +196,7 @@ def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch,
                         f"--method kd --T 2 --teacher_cache {tmp_path}/teacher_cache.pt")
     assert len(lines) == 4 and "4 commands, 0 finished runs left out; the first builds" in \
         captured.stderr
-    assert list(tmp_path.iterdir()) == [tmp_path / "teacher.pt"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.json", "teacher.pt"]
 
 
 def test_gpu_slots_on_the_cpu():
@@ -281,13 +313,15 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     first = subprocess.run([sys.executable, str(REPO / "study.py"), *argv], capture_output=True,
                            text=True, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "6 jobs, 1 already done" in first.stdout and first.stdout.count("done  ") == 5
+    assert "5 of 6 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
+    assert first.stdout.count("done  ") == 5 and "test_top1" not in first.stdout
     for name in ["ce", "kd-T2", "kd-T4"]:
         for seed in (0, 1):
             config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
             assert (config["seed"], config["val_size"], config["epochs"]) == (seed, 100, 1)
             assert (out / name / f"seed{seed}" / "summary.json").exists()
-    assert json.loads((out / "study.json").read_text())["commands"][0].endswith(shlex.join(argv))
+    recorded = json.loads((out / "study.json").read_text())["commands"]
+    assert recorded[0].endswith(" --dry_run") and recorded[1].endswith(shlex.join(argv))
 
     section = report(out, "--out", tmp_path / "report", "--no-cost").split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
@@ -297,7 +331,7 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
     again = run_in_process("study.py", argv, monkeypatch, capsys)
-    assert again.returncode == 0 and "6 jobs, 5 already done, 1 to resume" in again.stdout
+    assert again.returncode == 0 and "1 of 6 runs to do (1 to resume)" in again.stdout
     output = (out / "kd-T4" / "seed1" / study.OUTPUT_FILE).read_text()
     assert [line for line in output.splitlines() if line.startswith("$ ")][-1].endswith(" --resume")
     assert (out / "kd-T4" / "seed1" / "summary.json").exists()
