@@ -26,6 +26,7 @@ with its command and last output lines, and the others go on.
 """
 import argparse
 import contextlib
+import glob
 import itertools
 import json
 import os
@@ -76,11 +77,15 @@ class Job:
         if self.builds_cache:
             target = ["-m", self.script]
         else:
-            path = str(REPO / self.script)
-            below = not os.path.relpath(path).startswith("..")
-            target = [os.path.relpath(path) if shown and below else path]
+            target = [shown_path(REPO / self.script) if shown else str(REPO / self.script)]
         python = os.path.basename(sys.executable) if shown else sys.executable
         return [python, *target, *self.argv]
+
+
+def shown_path(path: Path) -> str:
+    """path relative to the current folder when it lies below it, else absolute."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="every run once per seed; the gain's interval pairs runs by seed")
     p.add_argument("--val_size", type=number(int, 100), default=5000,
-                   help="training images every run holds out (class-balanced, the same for one "
-                        "seed): the grid point is picked on them, never on the test set")
+                   help="training images every run holds out (a multiple of 100: class-balanced; "
+                        "the same for one seed): the grid point is picked on them, never on the "
+                        "test set")
     p.add_argument("--teacher_cache", default=None,
                    help="the teacher cache the distilled runs read (built first when missing); "
                         "default: OUT_DIR/teacher_cache.pt; none: the teacher runs online")
@@ -208,6 +214,15 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
     return jobs
 
 
+def differences(saved: dict, job: Job) -> list[str]:
+    """How the config of a run folder differs from the job's settings: '--key saved -> planned'
+    for each setting, or which script made it when another one did."""
+    if ("teacher_ckpt" in saved) != job.distills:
+        maker = "distill_student.py" if "teacher_ckpt" in saved else "train_student.py"
+        return [f"made by {maker}"]
+    return changed_settings(saved, job.config, job.config)
+
+
 def to_do(job: Job) -> str:
     """'run', 'resume', 'restart' (the folder holds no saved epoch) or 'done' for the job's run
     folder. Refuses a folder holding a run with other settings than the job's."""
@@ -222,13 +237,33 @@ def to_do(job: Job) -> str:
     if not isinstance(saved, dict):
         raise UserError(f"{job.out_dir} holds {', '.join(files)} but no readable config.json "
                         f"({saved}); move it away or pick another --out_dir")
-    changed = changed_settings(saved, job.config, job.config)
+    changed = differences(saved, job)
     if changed:
         raise UserError(f"{job.out_dir} holds a run with other settings ({', '.join(changed)}); "
                         f"run the study with the flags it was made with, or another --out_dir")
     if "summary.json" in files:
         return "done"
     return "resume" if "last.pt" in files else "restart"
+
+
+def refuse_runs_named_otherwise(jobs: list[Job]) -> None:
+    """Refuse a planned run that a folder of the study already holds under another name (the
+    folder names list the settings given, so giving a default or leaving one out renames)."""
+    planned = {os.path.abspath(job.out_dir) for job in jobs}
+    study_dir = os.path.dirname(os.path.dirname(jobs[-1].out_dir))
+    for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "*", "*", "config.json"))):
+        folder = os.path.dirname(path)
+        if os.path.abspath(folder) in planned:
+            continue
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for job in jobs:
+            if isinstance(saved, dict) and not differences(saved, job):
+                raise UserError(f"{folder} already holds the run planned as {job.name} (a default "
+                                f"given or left out renames it): give the flags as before")
 
 
 def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
@@ -277,7 +312,12 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                           f"[{finished}/{len(jobs)}]", flush=True)
                     continue
                 failed.append((job, f"exit code {process.returncode} after {minutes:.1f} min"))
-                if job.builds_cache:
+                if finished == 0:  # nothing has worked yet: likely the setup, not this run
+                    print(f"fail  {job.name}: no run has finished yet, so no new one starts; "
+                          f"the failures are listed at the end", flush=True)
+                    failed += [(j, "not started: an earlier run failed first") for j in pending]
+                    pending = []
+                elif job.builds_cache:
                     failed += [(j, "not run: the teacher cache build failed")
                                for j in pending if j.distills]
                     pending = [j for j in pending if not j.distills]
@@ -320,7 +360,7 @@ def result_line(job: Job) -> str:
 
 
 def failure_report(failed: list[tuple[Job, str]], total: int) -> str:
-    lines = [f"{len(failed)} of {total} study jobs failed (the others finished):"]
+    lines = [f"{len(failed)} of {total} study jobs failed or were not started:"]
     for job, why in failed:
         lines += [f"- {job.name}: {why}", f"  {shlex.join(job.command())}"]
         try:
@@ -398,6 +438,7 @@ def still_to_do(jobs: list[Job]) -> list[Job]:
     if refused:
         more = f" ({len(refused) - 1} more run folders too)" if len(refused) > 1 else ""
         raise UserError(refused[0] + more)
+    refuse_runs_named_otherwise(jobs)
     distilled = any(job.distills for job in todo)
     return [job for job in todo if distilled or not job.builds_cache]
 
@@ -428,7 +469,10 @@ def main() -> None:
     if failed:
         say(failure_report(failed, len(todo)))
         sys.exit(1)
-    print(f"study complete. Report: python plots/plot_runs.py {args.out_dir}")
+    plot = shown_path(REPO / "plots" / "plot_runs.py")
+    report = shlex.join([os.path.basename(sys.executable), plot, args.out_dir, "--out",
+                         os.path.join(args.out_dir, "report")])
+    print(f"study complete. Report: {report}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,20 @@ def grid_points(groups: list[Group]) -> list[Point]:
     return sorted(points, key=lambda p: tuple(map(sort_key, p.setting.values())))
 
 
+def one_run_per_seed(point: Point, notes: list[str]) -> Point:
+    """The point with the first run (in label order) of each seed; a note names the others,
+    the same run made again in another folder."""
+    kept: dict = {}
+    for run in sorted(point.runs, key=lambda r: r.label):
+        kept.setdefault(run.config.get("seed"), run)
+    extra = [run.label for run in point.runs if run not in kept.values()]
+    if extra:
+        notes.append(f"{point.method} {point.label}: more than one run of a seed; left out: "
+                     + ", ".join(sorted(extra)))
+    point.runs = sorted(kept.values(), key=lambda r: r.config.get("seed", 0))
+    return point
+
+
 @dataclass
 class Study:
     label: str
@@ -123,22 +137,27 @@ def read_study(label: str, runs: list[Run]) -> Study:
                      + ", ".join(run.label for run in runs if run not in done))
     groups = group_runs(done)
     baselines = [g for g in groups if g.runs[0].method == "ce"]
-    baseline = grid_points(baselines)[0] if len(baselines) == 1 else None
+    baseline = one_run_per_seed(grid_points(baselines)[0], notes) if len(baselines) == 1 else None
     if len(baselines) != 1:
         notes.append(f"{len(baselines)} finished CE baselines (one is needed): no gains")
     methods: dict[str, list[Point]] = {}
     for method in dict.fromkeys(g.runs[0].method for g in groups if g not in baselines):
-        methods[method] = grid_points([g for g in groups if g.runs[0].method == method])
+        methods[method] = [one_run_per_seed(p, notes) for p in
+                           grid_points([g for g in groups if g.runs[0].method == method])]
         seeds = sorted({len(p.runs) for p in methods[method]})
         if len(seeds) > 1:
             notes.append(f"{method}: the grid points have {seeds[0]} to {seeds[-1]} finished "
                          f"seeds; their means are not equally certain")
     selected = {}
     for method, points in methods.items():
-        scored = [(p.mean_std("val_top1")[0], i) for i, p in enumerate(points)]
-        scored = [(score, i) for score, i in scored if not math.isnan(score)]
-        if scored:  # the best mean; on a tie the first point
-            selected[method] = points[max(scored, key=lambda s: (s[0], -s[1]))[1]]
+        scores = [p.mean_std("val_top1")[0] for p in points]
+        best = max((s for s in scores if not math.isnan(s)), default=math.nan)
+        if not math.isnan(best):  # on a tie the first point in grid order
+            tied = [p.label for p, s in zip(points, scores) if s == best]
+            selected[method] = points[scores.index(best)]
+            if len(tied) > 1:
+                notes.append(f"{method}: a tie on validation top-1 between {'; '.join(tied)}: "
+                             f"the first is shown as selected")
         else:
             notes.append(f"{method}: no run logged val_top1 (run with --val_size): no selection")
     return Study(label, baseline, methods, selected, notes)
@@ -232,6 +251,7 @@ def plot_study_curves(study: Study, path: Path) -> None:
         curves = pd.concat([run.log.set_index("epoch")["test_top1"] for run in point.runs], axis=1)
         name = "CE baseline" if point is study.baseline else f"{point.method} {point.label}"
         line, = ax.plot(curves.index, curves.mean(axis=1), linewidth=1.5,
+                        marker="o" if len(curves) < 20 else None,  # a 1-epoch run shows
                         label=f"{name} (n={len(point.runs)})")
         ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1),
                         color=line.get_color(), alpha=0.2)

@@ -73,7 +73,8 @@ def test_plan_without_cache_build(tmp_path, teacher_file):
     argv = ["--out_dir", str(tmp_path), "--teacher_ckpt", teacher_file]
     online = planned([*argv, "--teacher_cache", "none", "--seeds", "0"])
     assert [job.name for job in online] == ["ce/seed0", "kd/seed0"]  # no grid: one point
-    assert "--teacher_cache" not in online[1].argv and online[1].config["teacher_logits"] == "online"
+    assert "--teacher_cache" not in online[1].argv
+    assert online[1].config["teacher_logits"] == "online"
     repeated = planned([*argv, "--teacher_cache", "none", "--seeds", "0", "0", "--T", "2", "2"])
     assert [job.name for job in repeated] == ["ce/seed0", "kd-T2/seed0"]  # once each
     existing = tmp_path / "cache.pt"
@@ -154,6 +155,17 @@ def test_one_study_at_a_time_in_a_folder(tmp_path):
         assert lock.read_text() == str(os.getpid())
 
 
+def test_a_run_under_another_name_is_refused(tmp_path, teacher_file):
+    argv = ["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file,
+            "--teacher_cache", "none", "--T", "2"]
+    before = planned([*argv, "--alpha", "0.5"])[1]  # the default, given: kd-T2-alpha0.5
+    Path(before.out_dir).mkdir(parents=True)
+    (Path(before.out_dir) / "config.json").write_text(json.dumps(before.config))
+    with pytest.raises(UserError, match=r"kd-T2-alpha0.5/seed0 already holds the run planned as "
+                                        r"kd-T2/seed0"):
+        study.still_to_do(planned(argv))
+
+
 def test_the_same_run_twice_is_refused(tmp_path, teacher_file):
     with pytest.raises(UserError, match="kd-T4/seed0 and kd-T4.0/seed0 would be the same run"):
         planned(["--out_dir", str(tmp_path), "--seeds", "0", "--teacher_ckpt", teacher_file,
@@ -226,16 +238,23 @@ def test_scheduler_waits_for_the_cache_and_reports_failures(tmp_path):
     broken = FakeJob(tmp_path, "broken", "print('first'); raise SystemExit('error: it broke')")
     failed = study.run_all([build, kd, ce, broken], [None, None])
     assert order.read_text().split() == ["ce", "cache", "kd"]  # kd waited; ce did not
-    assert [(job.name, why.split(" after")[0]) for job, why in failed] == [("broken", "exit code 1")]
+    assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
+        ("broken", "exit code 1")]
     text = study.failure_report(failed, 4)
     assert "1 of 4 study jobs failed" in text and "| error: it broke" in text and "| first" in text
 
     failing_build = FakeJob(tmp_path, "cache2", "raise SystemExit(2)", "kd.cache")
-    kd2 = FakeJob(tmp_path, "kd2", write("kd2"), "distill_student.py")
-    failed = study.run_all([failing_build, kd2], [None])
+    kd2, ce2 = FakeJob(tmp_path, "kd2", write("kd2"), "distill_student.py"), FakeJob(
+        tmp_path, "ce2", write("ce2"))
+    failed = study.run_all([ce2, failing_build, kd2], [None])
     assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
         ("cache2", "exit code 2"), ("kd2", "not run: the teacher cache build failed")]
     assert "kd2" not in order.read_text()
+
+    failed = study.run_all([broken, FakeJob(tmp_path, "ce3", write("ce3"))], [None])
+    assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
+        ("broken", "exit code 1"), ("ce3", "not started: an earlier run failed first")]
+    assert "ce3" not in order.read_text()  # nothing had worked: the setup is suspect
 
 
 def test_t_quantiles_and_the_paired_interval_by_hand():
@@ -294,6 +313,21 @@ def test_study_needs_one_baseline(tmp_path):
     assert runs_study.baseline is None and "2 finished CE baselines (one is needed)" in \
         runs_study.notes[0]
     assert runs_study.selected["kd"].setting == {"T": 4.0}
+
+
+def test_ties_and_runs_of_one_seed_twice_are_named(tmp_path):
+    root = write_study(tmp_path / "study")
+    kd = json.loads((root / "kd-T4" / "seed0" / "config.json").read_text())
+    write_run(root / "kd-T4-copy" / "seed0", kd, [50.0, 63.0], val_top1=[50.0, 70.0],
+              logits_seed=None)  # the same run as kd-T4/seed0, in another folder
+    for seed in range(3):
+        write_run(root / "kd-T3" / f"seed{seed}", {**kd, "T": 3.0, "seed": seed}, [50.0, 99.0],
+                  val_top1=[50.0, 70.0 + seed], logits_seed=None)  # ties with T=4
+    result = read_study("study", load_runs([root])[0])
+    assert "kd T=4: more than one run of a seed; left out: kd-T4/seed0" in result.notes
+    assert "kd: a tie on validation top-1 between T=3; T=4: the first is shown as selected" in \
+        result.notes
+    assert result.selected["kd"].label == "T=3" and len(result.methods["kd"][2].runs) == 3
 
 
 @pytest.mark.slow
