@@ -20,9 +20,10 @@ that point's test top-1 against the baseline's, with a confidence interval paire
 The same command again skips finished runs, resumes stopped ones, and refuses a run folder made
 with other settings, naming it and them. The distilled runs read the teacher's logits from
 --teacher_cache, which is built once, before the first of them, when the file is missing.
-Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (--jobs caps it);
-each run's output goes to study_output.log in its folder. A failed run is reported at the end,
-with its command and last output lines, and the others go on.
+Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (--jobs sets how
+many); each run's output goes to study_output.log in its folder. A failed run is reported at the
+end, with its command and last output lines, and the others go on (none starts after a failure
+when no run has finished yet: the setup, not the run, is then the likely cause).
 """
 import argparse
 import contextlib
@@ -47,9 +48,9 @@ from kd.checkpoint import file_sha256, write_json
 from kd.errors import StopRequested, UserError, run_script, say, stop_requested
 from kd.flags import HelpFormatter, Parser, number
 from kd.rundir import changed_settings, existing_run_files
+from plots.study import STUDY_FILE  # marks a study folder for the report; the commands run in it
 
 REPO = Path(__file__).resolve().parent
-STUDY_FILE = "study.json"  # marks a study folder for plots/plot_runs.py; the commands run in it
 OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
 LOCK_FILE = ".study.lock"  # while a study.py runs in the folder: its process id
 
@@ -102,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher cache the distilled runs read (built first when missing); "
                         "default: OUT_DIR/teacher_cache.pt; none: the teacher runs online")
     p.add_argument("--jobs", type=number(int, 1), default=None,
-                   help="runs at a time; default: one per visible GPU, or 1 without a GPU")
+                   help="runs at a time (more than the GPUs share them in turn); default: one "
+                        "per visible GPU, or 1 without a GPU")
     p.add_argument("--dry_run", action="store_true",
                    help="print the command of every run still to do, one per line (the cache "
-                        "build first), and run nothing: for a job array or another scheduler")
+                        "build first; run them from this folder), and run nothing, for a job "
+                        "array or another scheduler; writes only OUT_DIR/study.json")
     return p
 
 

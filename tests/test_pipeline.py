@@ -217,7 +217,7 @@ def cached_and_online(runs, tmp_path_factory):
     """Two KD runs of one seed on a small dataset, the teacher online and from a cache."""
     root = tmp_path_factory.mktemp("cache_runs")
     data = str(root / "data")
-    write_fake_cifar100(data, n_train=40, n_test=20, seed=5)
+    write_fake_cifar100(data, n_train=20, n_test=20, seed=5)
     common = ["--data_dir", data, "--teacher_ckpt", str(runs / "teacher" / "best.pt"), "--epochs",
               "2", "--batch_size", "10", "--eval_batch_size", "20", "--lr", "0.01", "--no-download"]
     run("distill_student.py", "--out_dir", str(root / "online"), *common)
