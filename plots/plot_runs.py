@@ -7,7 +7,10 @@
 A run folder is any folder holding config.json or log.csv (written by the three training
 scripts, beside summary.json once finished, and logits_best.pt). Runs whose configs differ only
 by seed form one row: mean ± sample std over the seeds. Runs without summary.json are tabulated
-from log.csv and marked unfinished. Writes PNGs and results.md into --out and prints results.md.
+from log.csv and marked unfinished. A folder holding study.json (study.py's --out_dir) adds a
+study section: each method's grid point picked on validation data, its gain over the CE baseline
+with a confidence interval, heatmaps and curves (plots/study.py). Writes PNGs and results.md
+into --out and prints results.md.
 
 A problem with one run (no epoch logged yet, a cut-off or unreadable log.csv, missing, unreadable
 or non-finite logits, an unreadable summary.json...) never stops the report: what can be read is
