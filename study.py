@@ -45,7 +45,8 @@ import distill_student
 import train_student
 from kd import cache
 from kd.checkpoint import file_sha256, write_json
-from kd.errors import StopRequested, UserError, run_script, say, stop_requested
+from kd.errors import (StopRequested, UserError, on_signal, run_script, say, stop_requested,
+                       stop_signals)
 from kd.flags import HelpFormatter, Parser, number
 from kd.rundir import changed_settings, existing_run_files
 from plots.study import STUDY_FILE  # marks a study folder for the report; the commands run in it
@@ -263,7 +264,7 @@ def refuse_runs_named_otherwise(jobs: list[Job]) -> None:
                 saved = json.load(f)
         except (OSError, ValueError):
             continue
-        for job in jobs:
+        for job in [job for job in jobs if not job.builds_cache]:
             if isinstance(saved, dict) and not differences(saved, job):
                 raise UserError(f"{folder} already holds the run planned as {job.name} (a default "
                                 f"given or left out renames it): give the flags as before")
@@ -284,13 +285,21 @@ def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
 
 def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     """Run the jobs in order, at most one per slot at a time, the distilled runs after the cache
-    build; returns each failed job with why. On Ctrl-C/SIGTERM, or any error here, the running
-    ones are stopped (a run keeps its last.pt) before this returns or raises."""
+    build; returns each failed job with why. On a stop signal (Ctrl-C, SIGTERM, a closed
+    terminal), or any error here, the running ones are asked to stop (a run keeps its last.pt)
+    before this returns or raises; a second stop signal kills them and quits at once."""
     pending, running, failed, finished = list(jobs), {}, [], 0
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
         share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
         env["OMP_NUM_THREADS"] = str(min(share, max(1, int(asked))) if asked.isdigit() else share)
+    def quit_runs_too(signum, frame) -> None:  # the second stop signal quits the runs at once
+        if stop_requested():
+            for _, process, _, _ in running.values():
+                process.kill()
+        on_signal(signum, frame)
+
+    handlers = {sig: signal.signal(sig, quit_runs_too) for sig in stop_signals()}
     try:
         while pending or running:
             if stop_requested():
@@ -330,6 +339,8 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
         for job, process, log, _ in running.values():
             process.wait()
             log.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if stop_requested():
         raise StopRequested("the runs that were going keep their last.pt; the same command "
                             "resumes the study")
@@ -384,6 +395,8 @@ def record_command(out_dir: str) -> None:
             with open(path) as f:
                 record = json.load(f)
         commands = record["commands"]
+        if not isinstance(commands, list):
+            raise TypeError("its commands are not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read {path} ({e}); move it away") from None
     command = shlex.join([os.path.basename(sys.executable), *sys.argv])
@@ -396,6 +409,29 @@ def record_command(out_dir: str) -> None:
         raise UserError(f"cannot write {path}: {e}") from None
 
 
+def lock_owner(path: str) -> int | None:
+    """The process id in a lock file while that process lives; None when the lock is stale."""
+    for _ in range(20):  # empty: its owner has just made it and is writing its id
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text:
+            break
+        time.sleep(0.05)
+    try:
+        owner = int(text)
+        if owner <= 0:
+            return None
+        os.kill(owner, 0)  # raises if no such process
+    except PermissionError:
+        return owner  # alive, another user's
+    except (OSError, ValueError):
+        return None
+    return owner
+
+
 @contextlib.contextmanager
 def only_study_running(out_dir: str):
     """Refuse to start while another study.py runs in out_dir: both would train, and restart,
@@ -404,18 +440,19 @@ def only_study_running(out_dir: str):
     path = os.path.join(out_dir, LOCK_FILE)
     while True:
         try:
+            os.makedirs(out_dir, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = int(f.read().strip() or 0)
-                os.kill(owner, 0)  # raises if no such process
-            except (OSError, ValueError):
-                os.remove(path)  # stale: its study is gone
+            owner = lock_owner(path)
+            if owner is None:  # stale: its study is gone
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
                 continue
             raise UserError(f"another study.py (process {owner}) is running in {out_dir}; wait "
                             f"for it or stop it (or delete {path} if it is not a study)") from None
+        except OSError as e:
+            raise UserError(f"cannot write to --out_dir {out_dir}: {e}") from None
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     try:
@@ -459,9 +496,9 @@ def main() -> None:
              if todo and todo[0].builds_cache else ""))
         return
     slots = gpu_slots(jobs[-1].config["device"], args.jobs)
-    record_command(args.out_dir)
     with only_study_running(args.out_dir):
         todo = still_to_do(jobs)
+        record_command(args.out_dir)
         runs = [job for job in todo if not job.builds_cache]
         print(f"study {args.out_dir}: {len(runs)} of {len(jobs) - jobs[0].builds_cache} runs to "
               f"do ({sum('--resume' in job.argv for job in runs)} to resume)"

@@ -1,8 +1,8 @@
 """How a command ends: one line on stderr and an exit code, never a traceback.
 
-UserError: bad input or an environment problem the user can fix (exit 2). SIGINT/SIGTERM: the
-first asks the run to stop at the next step (StopRequested, exit 128 + the signal), the second
-exits at once. Under torchrun every process fails or stops alike, so only rank 0 says why.
+UserError: bad input or an environment problem the user can fix (exit 2). SIGINT/SIGTERM, and
+SIGHUP (a closed terminal) unless nohup ignores it: the first asks the run to stop at the next
+step (StopRequested, exit 128 + the signal), the second exits at once. Under torchrun every process fails or stops alike, so only rank 0 says why.
 """
 import os
 import signal
@@ -36,7 +36,14 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _on_signal(signum, frame) -> None:
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a command: SIGINT, SIGTERM, and SIGHUP where it is not ignored."""
+    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
+    return [signal.SIGINT, signal.SIGTERM, *hangup]
+
+
+def on_signal(signum, frame) -> None:
+    """The handler of stop_signals(): the first asks for a stop, the second exits at once."""
     if _received:
         os._exit(128 + signum)
     _received.append(signum)
@@ -50,8 +57,8 @@ def stop_requested() -> bool:
 
 def run_script(main: Callable[[], object]) -> None:
     """Run a command's main(): UserError and stop signals become one line and an exit code."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+    for sig in stop_signals():
+        signal.signal(sig, on_signal)
     try:
         main()
         if dist.is_available() and dist.is_initialized():

@@ -4,8 +4,10 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,8 @@ def test_plan_runs_the_baseline_and_every_grid_point_per_seed(tmp_path, teacher_
     assert kd.config["val_size"] == 5000 and kd.config["lr"] == 0.1
     dkd = by_name["dkd-T2-dkd_beta8/seed1"].config
     assert (dkd["method"], dkd["T"], dkd["alpha"]) == ("dkd", 2.0, 0.5)  # alpha is kd's
-    assert len({json.dumps(job.config, sort_keys=True) for job in jobs[1:]}) == len(jobs) - 1
+    settings = [{k: v for k, v in job.config.items() if k != "out_dir"} for job in jobs[1:]]
+    assert len({json.dumps(c, sort_keys=True) for c in settings}) == len(jobs) - 1  # all differ
 
 
 def test_plan_without_cache_build(tmp_path, teacher_file):
@@ -150,9 +153,11 @@ def test_one_study_at_a_time_in_a_folder(tmp_path):
             with study.only_study_running(str(tmp_path)):
                 pass
     assert not lock.exists()
-    lock.write_text("999999999")  # no such process: a study killed without cleaning up
-    with study.only_study_running(str(tmp_path)):
-        assert lock.read_text() == str(os.getpid())
+    for stale in ["999999999", "0", ""]:  # no such process: a study killed without cleaning up
+        lock.write_text(stale)
+        with study.only_study_running(str(tmp_path)):
+            assert lock.read_text() == str(os.getpid())
+        assert not lock.exists()
 
 
 def test_a_run_under_another_name_is_refused(tmp_path, teacher_file):
@@ -164,6 +169,16 @@ def test_a_run_under_another_name_is_refused(tmp_path, teacher_file):
     with pytest.raises(UserError, match=r"kd-T2-alpha0.5/seed0 already holds the run planned as "
                                         r"kd-T2/seed0"):
         study.still_to_do(planned(argv))
+
+
+def test_runs_of_other_seeds_are_left_alone(tmp_path, teacher_file):
+    argv = ["--out_dir", str(tmp_path), "--teacher_ckpt", teacher_file, *COMMON]
+    earlier = planned([*argv, "--seeds", "5"])[1]  # ce/seed5 of an earlier study
+    Path(earlier.out_dir).mkdir(parents=True)
+    (Path(earlier.out_dir) / "config.json").write_text(json.dumps(earlier.config))
+    jobs = planned([*argv, "--seeds", "0"])
+    assert jobs[0].builds_cache  # its settings match no run folder: never a rename
+    assert study.still_to_do(jobs) == jobs
 
 
 def test_the_same_run_twice_is_refused(tmp_path, teacher_file):
@@ -255,6 +270,53 @@ def test_scheduler_waits_for_the_cache_and_reports_failures(tmp_path):
     assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
         ("broken", "exit code 1"), ("ce3", "not started: an earlier run failed first")]
     assert "ce3" not in order.read_text()  # nothing had worked: the setup is suspect
+
+
+STOPPING = """
+import signal, sys, study
+from kd.errors import run_script
+
+class Stubborn(study.Job):  # a run that ignores SIGTERM
+    def command(self, *, shown=True):
+        return [sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, "
+                "signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(60)"]
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever runs the tests
+run_script(lambda: study.run_all([Stubborn("stubborn", "train_student.py", [], sys.argv[1])],
+                                 [None]))
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"  # unreaped
+    except (OSError, IndexError):
+        return True
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_study_and_a_second_signal_its_runs(tmp_path):
+    output = tmp_path / study.OUTPUT_FILE
+    parent = subprocess.Popen([sys.executable, "-c", STOPPING, str(tmp_path)], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # the run prints its process id
+        if output.exists() and len(output.read_text().splitlines()) == 2:
+            break
+        assert parent.poll() is None, parent.stderr.read()
+        time.sleep(0.05)
+    run = int(output.read_text().splitlines()[1])
+    parent.send_signal(signal.SIGHUP)  # asks the run to stop: it ignores that
+    with pytest.raises(subprocess.TimeoutExpired):
+        parent.wait(timeout=1)
+    assert not gone(run)
+    parent.send_signal(signal.SIGINT)
+    assert parent.wait(timeout=30) == 128 + signal.SIGINT
+    assert "SIGHUP: stopping at the next step" in parent.stderr.read()
+    for _ in range(100):
+        if gone(run):
+            break
+        time.sleep(0.05)
+    assert gone(run)
 
 
 def test_t_quantiles_and_the_paired_interval_by_hand():
