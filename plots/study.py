@@ -160,6 +160,13 @@ def read_study(label: str, runs: list[Run]) -> Study:
                              f"the first is shown as selected")
         else:
             notes.append(f"{method}: no run logged val_top1 (run with --val_size): no selection")
+    for method, point in selected.items():
+        ours, theirs = point.last("test_top1"), baseline.last("test_top1") if baseline else {}
+        if baseline and ours.keys() != theirs.keys():
+            shared = sorted(ours.keys() & theirs.keys())
+            notes.append(f"{method}: its selected point has seeds {sorted(ours)}, the baseline "
+                         f"{sorted(theirs)}: the gain pairs the {len(shared)} they share, the "
+                         f"other columns average each point's own")
     return Study(label, baseline, methods, selected, notes)
 
 
@@ -228,7 +235,7 @@ def plot_heatmap(method: str, points: list[Point], chosen: Point | None, path: P
         score = scores.loc[r, c]
         ax.text(c, r, "no val" if math.isnan(score) else f"{score:.2f}\nn={len(p.runs)}",
                 ha="center", va="center", fontsize="small",
-                color="black" if score > middle else "white")
+                color="black" if math.isnan(score) or score > middle else "white")
         if p is chosen:
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red",
                                    linewidth=2.5))

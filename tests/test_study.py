@@ -18,7 +18,7 @@ import study
 from conftest import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
 from plots.rundata import load_runs
-from plots.study import paired_interval, read_study, t_quantile
+from plots.study import gain, paired_interval, read_study, t_quantile
 from test_report import STUDENT, report, write_run
 
 COMMON = ["--epochs", "1", "--batch_size", "100", "--eval_batch_size", "100", "--no-download"]
@@ -390,6 +390,18 @@ def test_ties_and_runs_of_one_seed_twice_are_named(tmp_path):
     assert "kd: a tie on validation top-1 between T=3; T=4: the first is shown as selected" in \
         result.notes
     assert result.selected["kd"].label == "T=3" and len(result.methods["kd"][2].runs) == 3
+
+
+def test_a_gain_over_fewer_seeds_than_the_columns_is_named(tmp_path):
+    root = write_study(tmp_path / "study")
+    for name in ("kd-T2", "kd-T4"):
+        (root / name / "seed2" / "summary.json").unlink()  # seed 2 of the grid not finished
+    result = read_study("study", load_runs([root])[0])
+    assert "kd: its selected point has seeds [0, 1], the baseline [0, 1, 2]: the gain pairs the " \
+           "2 they share, the other columns average each point's own" in result.notes
+    half = 12.7062 * 0.25  # d = 3, 2.5: sd = sqrt(0.125), se = sd / sqrt(2) = 0.25
+    assert gain(result.selected["kd"], result.baseline) == \
+        pytest.approx((2.75, 2.75 - half, 2.75 + half, 2), abs=1e-3)
 
 
 @pytest.mark.slow
