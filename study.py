@@ -9,10 +9,11 @@ plotted on its own:
 
     runs/study/ce/seed0    runs/study/kd-T1-alpha0/seed0    ...    runs/study/kd-T8-alpha0.9/seed2
 
-Every flag that study.py does not own goes to the runs. With one value (or none: a switch) it goes
-to every run whose script takes it: --epochs, --lr, --batch_size... to all runs, distillation
-flags to the distilled runs. Several values make a distillation flag a grid axis of each --method
-that reads it (--method kd dkd runs both methods); the grid is the product of the axes.
+Every flag that study.py does not own goes to the runs. A flag of every run (--epochs, --lr,
+--batch_size...) takes one value, the same for the baseline and every grid point. A method's
+setting (--T, --alpha, --dkd_beta...) is a grid axis, with one value or several, of each --method
+that reads it (--method kd dkd runs both methods), named in the folder names; one that no
+--method of the study reads is refused. The grid is the product of a method's axes.
 Every run holds out --val_size training images. `python plots/plot_runs.py runs/study` then picks
 each method's grid point by its mean validation top-1 at the last epoch, and only then reports
 that point's test top-1 against the baseline's, with a confidence interval paired by seed.
@@ -27,6 +28,7 @@ when no run has finished yet: the setup, not the run, is then the likely cause).
 """
 import argparse
 import contextlib
+import fcntl
 import glob
 import itertools
 import json
@@ -53,7 +55,7 @@ from plots.study import STUDY_FILE  # marks a study folder for the report; the c
 
 REPO = Path(__file__).resolve().parent
 OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
-LOCK_FILE = ".study.lock"  # while a study.py runs in the folder: its process id
+LOCK_FILE = ".study.lock"  # locked while a study.py runs in the folder; holds its process id
 
 
 @dataclass
@@ -254,6 +256,7 @@ def refuse_runs_named_otherwise(jobs: list[Job]) -> None:
     """Refuse a planned run that a folder of the study already holds under another name (the
     folder names list the settings given, so giving a default or leaving one out renames)."""
     planned = {os.path.abspath(job.out_dir) for job in jobs}
+    runs = [job for job in jobs if not job.builds_cache]
     study_dir = os.path.dirname(os.path.dirname(jobs[-1].out_dir))
     for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "*", "*", "config.json"))):
         folder = os.path.dirname(path)
@@ -264,8 +267,10 @@ def refuse_runs_named_otherwise(jobs: list[Job]) -> None:
                 saved = json.load(f)
         except (OSError, ValueError):
             continue
-        for job in [job for job in jobs if not job.builds_cache]:
-            if isinstance(saved, dict) and not differences(saved, job):
+        if not isinstance(saved, dict):
+            continue
+        for job in runs:
+            if not differences(saved, job):
                 raise UserError(f"{folder} already holds the run planned as {job.name} (a default "
                                 f"given or left out renames it): give the flags as before")
 
@@ -293,13 +298,14 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
         share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
         env["OMP_NUM_THREADS"] = str(min(share, max(1, int(asked))) if asked.isdigit() else share)
+
     def quit_runs_too(signum, frame) -> None:  # the second stop signal quits the runs at once
         if stop_requested():
             for _, process, _, _ in running.values():
                 process.kill()
         on_signal(signum, frame)
 
-    handlers = {sig: signal.signal(sig, quit_runs_too) for sig in stop_signals()}
+    previous_handlers = {sig: signal.signal(sig, quit_runs_too) for sig in stop_signals()}
     try:
         while pending or running:
             if stop_requested():
@@ -307,7 +313,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
             building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
             for slot in [s for s in range(len(slots)) if s not in running]:
                 job = next((j for j in pending if not (j.distills and building)), None)
-                if job is None:
+                if job is None or stop_requested():
                     break
                 pending.remove(job)
                 running[slot] = start(job, slots[slot], env)
@@ -339,7 +345,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
         for job, process, log, _ in running.values():
             process.wait()
             log.close()
-        for sig, handler in handlers.items():
+        for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     if stop_requested():
         raise StopRequested("the runs that were going keep their last.pt; the same command "
@@ -409,56 +415,35 @@ def record_command(out_dir: str) -> None:
         raise UserError(f"cannot write {path}: {e}") from None
 
 
-def lock_owner(path: str) -> int | None:
-    """The process id in a lock file while that process lives; None when the lock is stale."""
-    for _ in range(20):  # empty: its owner has just made it and is writing its id
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        if text:
-            break
-        time.sleep(0.05)
-    try:
-        owner = int(text)
-        if owner <= 0:
-            return None
-        os.kill(owner, 0)  # raises if no such process
-    except PermissionError:
-        return owner  # alive, another user's
-    except (OSError, ValueError):
-        return None
-    return owner
-
-
 @contextlib.contextmanager
 def only_study_running(out_dir: str):
     """Refuse to start while another study.py runs in out_dir: both would train, and restart,
-    the same runs. A lock file holds the owner's process id; one left by a dead process is
-    taken over."""
+    the same runs. The lock is an flock on OUT_DIR/.study.lock, which the system releases when
+    its process ends, however it ends; the file holds the owner's process id, for the message,
+    and stays (removing it would let a third study lock a new file beside a held one)."""
     path = os.path.join(out_dir, LOCK_FILE)
-    while True:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = lock_owner(path)
-            if owner is None:  # stale: its study is gone
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            raise UserError(f"another study.py (process {owner}) is running in {out_dir}; wait "
-                            f"for it or stop it (or delete {path} if it is not a study)") from None
-        except OSError as e:
-            raise UserError(f"cannot write to --out_dir {out_dir}: {e}") from None
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
     try:
-        yield
-    finally:
-        os.remove(path)
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(path, "a+", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir {out_dir}: {e}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip()
+            raise UserError(f"another study.py (process {owner or 'starting'}) is running in "
+                            f"{out_dir}; wait for it or stop it") from None
+        except OSError as e:
+            raise UserError(f"cannot lock {path}: {e}") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)
 
 
 def still_to_do(jobs: list[Job]) -> list[Job]:

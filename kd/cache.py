@@ -91,7 +91,7 @@ def build(teacher: nn.Module, train: Split, autocast, world: World, *, batch_vie
           show_progress: bool = True) -> torch.Tensor:
     """[images, NUM_VIEWS, classes] logits of every view (fp16, or float32 when a logit passes
     fp16's range), on the device. Under torchrun each rank computes a shard and all gather.
-    Ctrl-C/SIGTERM stops a one-process build at the next batch (StopRequested): nothing is
+    A stop signal stops a one-process build at the next batch (StopRequested): nothing is
     written, so there is nothing to resume."""
     start, end = world.rank * len(train) // world.size, (world.rank + 1) * len(train) // world.size
     per_batch = max(1, batch_views // NUM_VIEWS)

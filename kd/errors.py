@@ -2,10 +2,13 @@
 
 UserError: bad input or an environment problem the user can fix (exit 2). SIGINT/SIGTERM, and
 SIGHUP (a closed terminal) unless nohup ignores it: the first asks the run to stop at the next
-step (StopRequested, exit 128 + the signal), the second exits at once. Under torchrun every process fails or stops alike, so only rank 0 says why.
+step (StopRequested, exit 128 + the signal), the second exits at once. Under torchrun every
+process fails or stops alike, so only rank 0 says why.
 """
+import contextlib
 import os
 import signal
+import stat
 import sys
 from typing import Callable
 
@@ -17,7 +20,7 @@ class UserError(Exception):
 
 
 class StopRequested(Exception):
-    """Raised inside the epoch when SIGINT/SIGTERM asked the run to stop; the message says how
+    """Raised inside the epoch when a stop signal asked the run to stop; the message says how
     to resume."""
 
 
@@ -31,9 +34,11 @@ def is_main_process() -> bool:
 
 
 def say(message: str) -> None:
-    """A line on stderr, from rank 0 only."""
+    """A line on stderr, from rank 0 only; a line nobody can read (a closed terminal) is dropped,
+    not raised."""
     if is_main_process():
-        print(message, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(message, file=sys.stderr, flush=True)
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -43,12 +48,21 @@ def stop_signals() -> list[signal.Signals]:
 
 
 def on_signal(signum, frame) -> None:
-    """The handler of stop_signals(): the first asks for a stop, the second exits at once."""
+    """The handler of stop_signals(): the first asks for a stop, the second exits at once.
+    Writing to a closed terminal fails (EIO), so after SIGHUP stdout and stderr, where they are
+    a terminal (a character device: a hung-up one no longer passes isatty), go to /dev/null: the
+    run stops at its next step, not at its next progress bar."""
     if _received:
         os._exit(128 + signum)
     _received.append(signum)
     say(f"\n{signal.Signals(signum).name}: stopping at the next step "
         f"(send it again to quit at once)")
+    if signum == signal.SIGHUP:
+        with open(os.devnull, "w") as devnull:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):  # closed, or not a file
+                    if stat.S_ISCHR(os.fstat(stream.fileno()).st_mode):
+                        os.dup2(devnull.fileno(), stream.fileno())
 
 
 def stop_requested() -> bool:

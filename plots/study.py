@@ -160,8 +160,9 @@ def read_study(label: str, runs: list[Run]) -> Study:
                              f"the first is shown as selected")
         else:
             notes.append(f"{method}: no run logged val_top1 (run with --val_size): no selection")
+    theirs = baseline.last("test_top1") if baseline else {}
     for method, point in selected.items():
-        ours, theirs = point.last("test_top1"), baseline.last("test_top1") if baseline else {}
+        ours = point.last("test_top1")
         if baseline and ours.keys() != theirs.keys():
             shared = sorted(ours.keys() & theirs.keys())
             notes.append(f"{method}: its selected point has seeds {sorted(ours)}, the baseline "

@@ -1,10 +1,15 @@
 """kd.errors.run_script: one line and an exit code, from rank 0 only under torchrun."""
+import os
+import pty
 import signal
+import sys
+import time
 
 import pytest
 
 import kd.errors
 from kd.errors import StopRequested, UserError, run_script
+from conftest import REPO
 
 
 def ends(raised: Exception, rank: str, monkeypatch, capsys, world_size: str | None = "2"
@@ -37,3 +42,45 @@ def test_rank_0_says_why_once_and_the_others_stay_silent(raised, code, line, mon
 def test_a_stray_rank_variable_outside_torchrun_silences_nothing(monkeypatch, capsys):
     assert ends(UserError("bad flag"), "3", monkeypatch, capsys, world_size=None) == \
         (2, ["error: bad flag"])
+
+
+HANGS_UP = """
+import sys, time
+from kd.errors import StopRequested, run_script, stop_requested
+
+def main():  # a run: a progress line every step, on the terminal
+    print("ready", flush=True)
+    while not stop_requested():
+        print("step", file=sys.stderr, flush=True)
+        time.sleep(0.01)
+    print("stopping: the terminal is gone", file=sys.stderr, flush=True)
+    raise StopRequested("resume with --resume")
+
+run_script(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_a_run_at_its_next_step():
+    pid, terminal = pty.fork()  # the child leads a session on a new terminal
+    if pid == 0:
+        os.chdir(REPO)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, whatever runs the tests
+        os.execv(sys.executable, [sys.executable, "-c", HANGS_UP])
+    done = 0
+    try:
+        shown = b""
+        while b"step" not in shown:
+            shown += os.read(terminal, 1024)
+        os.close(terminal)  # the terminal closes: SIGHUP, and writing to it fails (EIO)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        assert done, "the run went on after its terminal closed"
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP  # not a traceback's 1
+    finally:
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -152,12 +152,16 @@ def test_one_study_at_a_time_in_a_folder(tmp_path):
         with pytest.raises(UserError, match=rf"another study.py \(process {os.getpid()}\)"):
             with study.only_study_running(str(tmp_path)):
                 pass
-    assert not lock.exists()
-    for stale in ["999999999", "0", ""]:  # no such process: a study killed without cleaning up
-        lock.write_text(stale)
-        with study.only_study_running(str(tmp_path)):
-            assert lock.read_text() == str(os.getpid())
-        assert not lock.exists()
+        assert lock.read_text() == str(os.getpid())  # the refused one changed nothing
+    assert lock.read_text() == ""
+    lock.write_text("999999999\xff")  # a study killed by SIGKILL: the system released its lock
+    with study.only_study_running(str(tmp_path)):
+        assert lock.read_text() == str(os.getpid())
+    (tmp_path / "file").write_text("")
+    for out_dir in [tmp_path / "file", tmp_path / "file" / "sub"]:
+        with pytest.raises(UserError, match=rf"cannot write to --out_dir {out_dir}: "):
+            with study.only_study_running(str(out_dir)):
+                pass
 
 
 def test_a_run_under_another_name_is_refused(tmp_path, teacher_file):
@@ -299,24 +303,31 @@ def test_a_closed_terminal_stops_the_study_and_a_second_signal_its_runs(tmp_path
     output = tmp_path / study.OUTPUT_FILE
     parent = subprocess.Popen([sys.executable, "-c", STOPPING, str(tmp_path)], cwd=REPO,
                               stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # the run prints its process id
-        if output.exists() and len(output.read_text().splitlines()) == 2:
-            break
-        assert parent.poll() is None, parent.stderr.read()
-        time.sleep(0.05)
-    run = int(output.read_text().splitlines()[1])
-    parent.send_signal(signal.SIGHUP)  # asks the run to stop: it ignores that
-    with pytest.raises(subprocess.TimeoutExpired):
-        parent.wait(timeout=1)
-    assert not gone(run)
-    parent.send_signal(signal.SIGINT)
-    assert parent.wait(timeout=30) == 128 + signal.SIGINT
-    assert "SIGHUP: stopping at the next step" in parent.stderr.read()
-    for _ in range(100):
-        if gone(run):
-            break
-        time.sleep(0.05)
-    assert gone(run)
+    run = None
+    try:
+        for _ in range(600):  # the run prints its process id
+            if output.exists() and len(output.read_text().splitlines()) == 2:
+                run = int(output.read_text().splitlines()[1])
+                break
+            assert parent.poll() is None, parent.stderr.read()
+            time.sleep(0.05)
+        assert run is not None, "the run did not start within 30 s"
+        parent.send_signal(signal.SIGHUP)  # asks the run to stop: it ignores that
+        with pytest.raises(subprocess.TimeoutExpired):
+            parent.wait(timeout=1)
+        assert not gone(run)
+        parent.send_signal(signal.SIGINT)
+        assert parent.wait(timeout=30) == 128 + signal.SIGINT
+        assert "SIGHUP: stopping at the next step" in parent.stderr.read()
+        for _ in range(100):
+            if gone(run):
+                break
+            time.sleep(0.05)
+        assert gone(run)
+    finally:
+        parent.kill()
+        if run is not None and not gone(run):
+            os.kill(run, signal.SIGKILL)
 
 
 def test_t_quantiles_and_the_paired_interval_by_hand():
