@@ -48,21 +48,25 @@ def stop_signals() -> list[signal.Signals]:
 
 
 def on_signal(signum, frame) -> None:
-    """The handler of stop_signals(): the first asks for a stop, the second exits at once.
-    Writing to a closed terminal fails (EIO), so after SIGHUP stdout and stderr, where they are
-    a terminal (a character device: a hung-up one no longer passes isatty), go to /dev/null: the
-    run stops at its next step, not at its next progress bar."""
+    """The handler of stop_signals(): the first asks for a stop, the second exits at once."""
     if _received:
         os._exit(128 + signum)
     _received.append(signum)
     say(f"\n{signal.Signals(signum).name}: stopping at the next step "
         f"(send it again to quit at once)")
     if signum == signal.SIGHUP:
-        with open(os.devnull, "w") as devnull:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError, ValueError):  # closed, or not a file
-                    if stat.S_ISCHR(os.fstat(stream.fileno()).st_mode):
-                        os.dup2(devnull.fileno(), stream.fileno())
+        _away_from_the_closed_terminal()
+
+
+def _away_from_the_closed_terminal() -> None:
+    """Send stdout and stderr to /dev/null where they are a terminal (a character device: a
+    hung-up one no longer passes isatty). Writing to a closed terminal fails (EIO): without this
+    a run would stop at its next progress bar with a traceback, not at its next step."""
+    with open(os.devnull, "w") as devnull:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # closed, or not a file
+                if stat.S_ISCHR(os.fstat(stream.fileno()).st_mode):
+                    os.dup2(devnull.fileno(), stream.fileno())
 
 
 def stop_requested() -> bool:
