@@ -9,19 +9,17 @@ Formulas and terms: kd/losses.py.
 """
 import argparse
 import functools
-import os
-from typing import Callable
 
 import torch
 
 from kd.cache import open_cache
-from kd.checkpoint import file_sha256, load_checkpoint
+from kd.checkpoint import file_sha256
 from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser, number, positive_float
 from kd.losses import dist_objective, dkd_objective, kd_loss
 from kd.models import STUDENT_ARCH, build_student, load_teacher
 from kd.rundir import resumed_config
-from kd.train import MEMORY_FORMAT, LossFn, fit, make_autocast, prepare_run
+from kd.train import MEMORY_FORMAT, LossFn, Teacher, fit, make_autocast, prepare_run
 
 weight = number(float, 0)
 
@@ -72,38 +70,36 @@ def main() -> None:
     args = p.parse_args()
     if args.logit_std and args.method == "dist":
         p.error("--logit_std applies to --method kd and dkd")
-    device = prepare_run(args, keep=(args.teacher_ckpt, args.teacher_cache or ""))
-    teacher = load_teacher(args.teacher_ckpt).to(device, memory_format=MEMORY_FORMAT)
+    start = prepare_run(args, keep=(args.teacher_ckpt, args.teacher_cache or ""))
+    teacher = load_teacher(args.teacher_ckpt).to(start.device, memory_format=MEMORY_FORMAT)
     run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt),
                 "teacher_logits": "cache" if args.teacher_cache else "online",
                 "teacher_cache_sha256": None}
-    if args.resume:  # refuse a switch between online and cached teacher logits before any build
-        saved = load_checkpoint(os.path.join(args.out_dir, "last.pt"))["config"]
+    if start.checkpoint:  # refuse a switch between online and cached logits before any build
+        saved = start.checkpoint["config"]
         resumed_config(saved, {**saved, "teacher_logits": run_info["teacher_logits"]}, 0)
-    cache = None
-    if args.teacher_cache:
-        autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
-        cache = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir, device,
-                           autocast, download=args.download)
+    if args.teacher_cache:  # the logits of the very view each image is trained on, looked up
+        autocast = make_autocast(start.device, amp=args.amp, amp_dtype=args.amp_dtype)
+        train_logits = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir,
+                                  start.device, autocast, download=args.download)
         run_info["teacher_cache_sha256"] = file_sha256(args.teacher_cache)
-    fit(args, build_student(args.stem), device, loss_at(args), run_info, teacher=teacher,
-        teacher_cache=cache)
+    else:
+        online = torch.compile(teacher) if args.compile else teacher
+        train_logits = lambda images, keys: online(images)
+    fit(args, build_student(args.stem), start, loss_at, run_info, Teacher(teacher, train_logits))
 
 
-def loss_at(args: argparse.Namespace) -> Callable[[int], LossFn]:
-    """The loss each epoch minimises, for --method and its flags (kd.losses)."""
+def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
+    """The loss --method and its flags minimise in `epoch` (kd.losses)."""
     if args.method == "kd":
-        loss = functools.partial(kd_loss, alpha=args.alpha, T=args.T, logit_std=args.logit_std)
-        return lambda epoch: loss
+        return functools.partial(kd_loss, alpha=args.alpha, T=args.T, logit_std=args.logit_std)
     if args.method == "dist":
-        loss = functools.partial(dist_objective, beta=args.dist_beta, gamma=args.dist_gamma,
+        return functools.partial(dist_objective, beta=args.dist_beta, gamma=args.dist_gamma,
                                  T=args.T, ce_weight=args.ce_weight)
-        return lambda epoch: loss
-    warmed_up = lambda epoch: min(epoch / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
-    return lambda epoch: functools.partial(
-        dkd_objective, alpha=args.dkd_alpha, beta=args.dkd_beta, T=args.T,
-        ce_weight=args.ce_weight, distill_weight=torch.tensor(warmed_up(epoch)),
-        logit_std=args.logit_std)
+    warmed_up = min(epoch / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
+    return functools.partial(dkd_objective, alpha=args.dkd_alpha, beta=args.dkd_beta, T=args.T,
+                             ce_weight=args.ce_weight, distill_weight=torch.tensor(warmed_up),
+                             logit_std=args.logit_std)
 
 
 if __name__ == "__main__":

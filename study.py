@@ -50,8 +50,7 @@ from kd.checkpoint import file_sha256, write_json
 from kd.errors import (StopRequested, UserError, on_signal, run_script, say, stop_requested,
                        stop_signals)
 from kd.flags import HelpFormatter, Parser, number
-from kd.rundir import changed_settings, existing_run_files
-from plots.study import STUDY_FILE  # marks a study folder for the report; the commands run in it
+from kd.rundir import STUDY_FILE, changed_settings, existing_run_files
 
 REPO = Path(__file__).resolve().parent
 OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
@@ -221,11 +220,8 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
 
 
 def differences(saved: dict, job: Job) -> list[str]:
-    """How the config of a run folder differs from the job's settings: '--key saved -> planned'
-    for each setting, or which script made it when another one did."""
-    if ("teacher_ckpt" in saved) != job.distills:
-        maker = "distill_student.py" if "teacher_ckpt" in saved else "train_student.py"
-        return [f"made by {maker}"]
+    """How the config of a run folder differs from the job's settings (kd.rundir decides),
+    compared on the settings the job's command gives."""
     return changed_settings(saved, job.config, job.config)
 
 

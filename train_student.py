@@ -5,7 +5,7 @@ from kd.errors import run_script
 from kd.flags import add_student_flags, base_parser
 from kd.losses import ce_loss
 from kd.models import STUDENT_ARCH, build_student
-from kd.train import fit, prepare_run
+from kd.train import LossFn, fit, prepare_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
+    """The hard-label cross-entropy, every epoch."""
+    return ce_loss
+
+
 def main() -> None:
     args = build_parser().parse_args()
-    device = prepare_run(args)
-    fit(args, build_student(args.stem), device, lambda epoch: ce_loss, {"arch": STUDENT_ARCH})
+    start = prepare_run(args)
+    fit(args, build_student(args.stem), start, loss_at, {"arch": STUDENT_ARCH})
 
 
 if __name__ == "__main__":

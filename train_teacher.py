@@ -1,10 +1,17 @@
 """Fine-tune an ImageNet-pretrained ResNet-50 on CIFAR-100; 32 px crops are upsampled to --img_size."""
-from kd.distributed import World, local_main_first
+import argparse
+
+from kd.distributed import local_main_first
 from kd.errors import run_script
 from kd.flags import base_parser, number
 from kd.losses import ce_loss
 from kd.models import TEACHER_ARCH, build_teacher
-from kd.train import fit, prepare_run
+from kd.train import LossFn, fit, prepare_run
+
+
+def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
+    """The hard-label cross-entropy, every epoch."""
+    return ce_loss
 
 
 def main() -> None:
@@ -16,11 +23,11 @@ def main() -> None:
     p.add_argument("--weights", default=None,
                    help="a local torchvision resnet50 ImageNet state dict (.pth), for offline machines")
     args = p.parse_args()
-    device = prepare_run(args)
+    start = prepare_run(args)
     pretrained = "none" if args.resume else args.pretrained  # resume loads its own weights
-    with local_main_first(World.from_env(), device):  # one ImageNet download per machine
+    with local_main_first(start.world, start.device):  # one ImageNet download per machine
         model = build_teacher(args.img_size, pretrained, None if args.resume else args.weights)
-    fit(args, model, device, lambda epoch: ce_loss, {"arch": TEACHER_ARCH})
+    fit(args, model, start, loss_at, {"arch": TEACHER_ARCH})
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
   data     kd.data.DeviceLoader against the usual torchvision pipeline (PIL crop and flip in
            DataLoader workers) on the same images: one epoch, augmentation on
-  train    kd.engine.train_step for the teacher, the CE student and the KD student (online
-           teacher) on a batch already on the device, and, for the students, the same steps fed by
-           the DeviceLoader: "input cost" is how much longer a step takes with the loader
-  eval     kd.engine.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
+  cache    kd.cache.build: the teacher's logits of every view of a few images
+  train    kd.train.train_step for the teacher, the CE student and the KD student (online teacher,
+           or its logits from a kd.cache.TeacherCache) on a batch already on the device, and, for
+           the students, the same steps fed by the DeviceLoader: "input cost" is how much longer a
+           step takes with the loader
+  eval     kd.train.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
 
-The defaults are what training runs: kd.train's memory format (channels_last) and cuDNN
-autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU); eager, and on CUDA
+The defaults are what training runs: distill_student.py's defaults (batch size, SGD, --method
+kd with its alpha and T, through its own loss_at), kd.train's memory format (channels_last) and
+cuDNN autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU); eager, and on CUDA
 also compiled, to show what --compile gains. A grid of variants, dtype (fp16 with a GradScaler)
 x channels_last x torch.compile, is asked for with --dtypes, --channels_last both. Images are random uint8, not CIFAR-100:
-throughput does not depend on pixel values. CUDA time comes from CUDA events around blocks of
-steps (synchronised only at block ends), CPU time from perf_counter; each number is the median
-of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
+throughput does not depend on pixel values. Times come from kd.timing.measure: CUDA events around
+blocks of steps (synchronised only at block ends), perf_counter on the CPU; each number is the
+median of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
 
   python -m kd.bench                            # the training settings, every config
   python -m kd.bench --compile off              # eager only
@@ -21,15 +24,11 @@ of --repeats blocks after untimed warm-up. "compile s" is the first step minus a
   python -m kd.bench --quick --device cpu       # smoke run, under 3 minutes on 2 cores
 """
 import argparse
-import contextlib
-import functools
 import itertools
 import os
-import platform
-import statistics
-import sys
-import time
+import runpy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -40,18 +39,20 @@ from torchvision import transforms
 from kd.checkpoint import write_json
 from kd.cache import TeacherCache, build as build_cache, precision_name
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split
-from kd.distributed import World
-from kd.distributed import resolve_device
-from kd.errors import UserError, say
-from kd.flags import Parser, add_device_flag, base_parser, positive_int
-from kd.losses import ce_loss, kd_loss
+from kd.distributed import World, resolve_device
+from kd.errors import UserError, run_script
+from kd.flags import Parser, add_device_flag, positive_int
+from kd.losses import ce_loss
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import NUM_CLASSES, build_student, build_teacher
-from kd.train import (CUDNN_BENCHMARK, MEMORY_FORMAT, make_autocast, make_optimization, predict,
-                      train_step)
+from kd.timing import device_name, measure
+from kd.train import (CUDNN_BENCHMARK, MEMORY_FORMAT, Step, make_autocast, make_optimization,
+                      predict, train_step)
 
 DTYPES = ["bf16", "fp16", "fp32"]
-ALPHA, T = 0.5, 4.0
+# distill_student.py's parser and loss_at: the settings and the KD loss the bench trains with
+DISTILL = runpy.run_path(str(Path(__file__).resolve().parents[1] / "distill_student.py"),
+                         run_name="distill_student")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write every result, the device, torch version and flags here "
                         "(rewritten after each row, so a cut-off run keeps what it measured)")
     p.add_argument("--batch_size", type=positive_int, metavar="N",
-                   help="training batch size (default 256, the scripts' default)")
+                   help="training batch size (default: distill_student.py's)")
     p.add_argument("--eval_batch_size", type=positive_int, metavar="N",
                    help="evaluation batch size (default 1000, as the training scripts; "
                         "256 with --quick on CPU)")
@@ -150,7 +151,7 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     """Resolve the flags left unset: the full grid on CUDA, small and eager on CPU or with --quick."""
     quick, small_cpu = args.quick, args.quick and not cuda
     defaults = {
-        "batch_size": 256,  # the scripts' default: data throughput depends on it
+        "batch_size": DISTILL["build_parser"]().get_default("batch_size"),
         "eval_batch_size": 256 if small_cpu else 1000,
         "images": 4_096 if quick else 50_000 if cuda else 10_000,
         "steps": 1 if quick else 20 if cuda else 5,
@@ -176,65 +177,12 @@ def variants(args: argparse.Namespace) -> list[Variant]:
             for cl in reversed(both[args.channels_last])]
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name} ({torch.get_num_threads()} torch threads)"
-
-
 def random_split(n: int, seed: int = 0) -> Split:
     """n random uint8 images with random fine labels, on the CPU."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (n,), generator=g)
     return Split(images, labels, labels // 5, [f"class_{i}" for i in range(100)])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_block(block: Callable[[], None], device: torch.device) -> float:
-    """Seconds one call of block takes; on CUDA between events, with one sync at the end."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        block()
-        return time.perf_counter() - start
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    block()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / 1e3
-
-
-@dataclass
-class Timing:
-    seconds: float  # median seconds per call
-    first_s: float  # the first warm-up call alone: compilation, cuDNN set-up, worker start
-
-
-def measure(call: Callable[[], None], calls_per_block: int, warmup: int, repeats: int,
-            device: torch.device) -> Timing:
-    """Median seconds per call over `repeats` timed blocks, after `warmup` untimed calls."""
-    sync(device)
-    start = time.perf_counter()
-    call()
-    sync(device)
-    first_s = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        call()
-    sync(device)
-
-    def block() -> None:
-        for _ in range(calls_per_block):
-            call()
-    times = [time_block(block, device) for _ in range(repeats)]
-    return Timing(statistics.median(times) / calls_per_block, first_s)
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -259,7 +207,7 @@ def bench_data(split: Split, loader: DeviceLoader, args: argparse.Namespace,
     """One augmented epoch through each pipeline, ending with the batch on the device.
 
     The reference keeps its workers between epochs (persistent_workers) and warms up for one
-    epoch, so worker start-up is not counted against it.
+    epoch, so worker start-up is not counted against it; they stop when this returns.
     """
     def device_epoch() -> None:
         for _ in loader:
@@ -270,14 +218,14 @@ def bench_data(split: Split, loader: DeviceLoader, args: argparse.Namespace,
         PILDataset(split), batch_size=args.batch_size, shuffle=True, drop_last=True,
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
 
-    def reference_epoch() -> None:
-        for images, labels in reference:
+    def reference_epoch(batches: torch.utils.data.DataLoader) -> None:
+        for images, labels in batches:
             images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     epoch_images = len(loader) * args.batch_size
-    ours = epoch_images / measure(device_epoch, 1, 1, args.repeats, device).seconds
-    theirs = epoch_images / measure(reference_epoch, 1, 1, args.repeats, device).seconds
-    del reference  # stops its workers before the training benchmarks
+    ours = epoch_images / measure(device_epoch, repeats=args.repeats, device=device).seconds
+    theirs = epoch_images / measure(lambda: reference_epoch(reference), repeats=args.repeats,
+                                    device=device).seconds
     return {"images": len(split), "batch_size": args.batch_size, "device_loader_img_per_s": ours,
             "torchvision_img_per_s": theirs, "torchvision_workers": workers, "ratio": ours / theirs}
 
@@ -302,8 +250,8 @@ def loader_batches(loader: DeviceLoader, memory_format: torch.memory_format) -> 
     (the loader yields channels_last, so this is a copy only in the channels_last-off variants)."""
     for epoch in itertools.count(1):
         loader.set_epoch(epoch)
-        for images, labels, views in loader:
-            yield images.contiguous(memory_format=memory_format), labels, views
+        for images, labels, keys in loader:
+            yield images.contiguous(memory_format=memory_format), labels, keys
 
 
 def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,
@@ -311,11 +259,11 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     """Training steps on one pre-made batch and, for the students, fed by the DeviceLoader."""
     model, teacher = build(config, variant, device)
     model.train()
-    train_args = base_parser("", out_dir="", epochs=1, batch_size=args.batch_size, lr=0.01
-                             ).parse_args(["--warmup_epochs", "0"])  # the scripts' SGD settings
+    train_args = DISTILL["build_parser"]().parse_args(  # the script's SGD and KD settings
+        ["--warmup_epochs", "0", "--batch_size", str(args.batch_size)])
     train_args.amp, train_args.amp_dtype = variant.dtype != "fp32", variant.dtype
     opt = make_optimization(train_args, model, 10**6, device)
-    loss_fn = functools.partial(kd_loss, alpha=ALPHA, T=T) if config.kd else ce_loss
+    loss_fn = DISTILL["loss_at"](train_args, 1) if config.kd else ce_loss
     if variant.compile:  # as kd.train.fit compiles
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)
         teacher = torch.compile(teacher) if teacher is not None else None
@@ -324,23 +272,23 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
         table = torch.randn(len(loader.split), NUM_VIEWS, NUM_CLASSES, device=device).half()
         teacher_logits = TeacherCache({}, table, device)
     elif teacher is not None:
-        teacher_logits = lambda images, views: teacher(images)
+        teacher_logits = lambda images, keys: teacher(images)
+    step = Step(model, teacher_logits, loss_fn, opt)
 
     def stepper(batches: Iterator) -> Callable[[], None]:
-        def step() -> None:
-            train_step(model, teacher_logits, loss_fn, opt, *next(batches))
-        return step
+        return lambda: train_step(step, *next(batches))
 
-    images, labels, views = next(iter(loader))
+    images, labels, keys = next(iter(loader))
     premade = itertools.repeat((images.contiguous(memory_format=variant.memory_format), labels,
-                                views))
-    timing = measure(stepper(premade), args.steps, args.warmup, args.repeats, device)
+                                keys))
+    blocks = {"calls_per_block": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "device": device}
+    timing = measure(stepper(premade), **blocks)
     row = {"config": config.name, **asdict(variant), "img_per_s": args.batch_size / timing.seconds}
     if variant.compile:
         row["compile_s"] = timing.first_s - timing.seconds
     if config.student:
-        fed = measure(stepper(loader_batches(loader, variant.memory_format)), args.steps,
-                      args.warmup, args.repeats, device)
+        fed = measure(stepper(loader_batches(loader, variant.memory_format)), **blocks)
         row["loader_img_per_s"] = args.batch_size / fed.seconds
         row["input_cost_pct"] = 100 * (fed.seconds / timing.seconds - 1)
     return row
@@ -364,7 +312,7 @@ def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: arg
     def evaluate() -> None:
         logits = predict(eval_model, loader, autocast)
         split_metrics(logits, split.labels, split.coarse_labels, class_to_coarse)
-    timing = measure(evaluate, 1, 1, args.repeats, device)
+    timing = measure(evaluate, repeats=args.repeats, device=device)
     row = {"config": config.name, **asdict(variant), "img_per_s": len(loader.split) / timing.seconds}
     if variant.compile:
         row["compile_s"] = timing.first_s - timing.seconds
@@ -404,14 +352,6 @@ def print_data(data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(argv)
-    except UserError as e:
-        say(f"error: {e}")
-        sys.exit(2)
-
-
-def run(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     fill_defaults(args, cuda=device.type == "cuda")
@@ -470,10 +410,10 @@ def bench_cache_build(split: Split, args: argparse.Namespace, device: torch.devi
     dtype = args.dtypes[0]
     autocast = make_autocast(device, amp=dtype != "fp32", amp_dtype=dtype)
     timing = measure(lambda: build_cache(teacher, images, autocast, World(), show_progress=False),
-                     1, 1, args.repeats, device)
+                     repeats=args.repeats, device=device)
     return {"img_size": img_size, "precision": precision_name(autocast), "images": n,
             "views_per_s": n * NUM_VIEWS / timing.seconds}
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

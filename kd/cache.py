@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kd.checkpoint import atomic_write, file_sha256
 from kd.data import (CIFAR100_MEAN, CIFAR100_STD, FOLDER, NUM_VIEWS, PAD, Split, load_split,
                      normalize, view_pixels)
-from kd.distributed import World, gather_rows, init_world, local_main_first
+from kd.distributed import World, gather_rows, init_world, local_main_first, shard_range
 from kd.errors import StopRequested, UserError, run_script, stop_requested
 from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags
 from kd.models import NUM_CLASSES, load_teacher
@@ -45,13 +45,13 @@ class TeacherCache:
     logits: torch.Tensor
     device: torch.device  # where training needs the looked-up logits
 
-    def __call__(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of a training batch, by the view keys kd.data.DeviceLoader yields
         with it (image index * NUM_VIEWS + view); images are not looked at."""
         table = self.logits.view(-1, self.logits.shape[-1])
-        if table.device == views.device:
-            return table.index_select(0, views)
-        rows = table.index_select(0, views.cpu())  # host memory: one sync per step
+        if table.device == keys.device:
+            return table.index_select(0, keys)
+        rows = table.index_select(0, keys.cpu())  # host memory: one sync per step
         return rows.to(self.device, non_blocking=True)
 
 
@@ -93,7 +93,7 @@ def build(teacher: nn.Module, train: Split, autocast, world: World, *, batch_vie
     fp16's range), on the device. Under torchrun each rank computes a shard and all gather.
     A stop signal stops a one-process build at the next batch (StopRequested): nothing is
     written, so there is nothing to resume."""
-    start, end = world.rank * len(train) // world.size, (world.rank + 1) * len(train) // world.size
+    start, end = shard_range(len(train), world.rank, world.size)
     per_batch = max(1, batch_views // NUM_VIEWS)
     shard = torch.empty(end - start, NUM_VIEWS, NUM_CLASSES, dtype=torch.float16,
                         device=train.images.device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kd.distributed import shard_range
 from kd.errors import UserError
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -151,11 +152,6 @@ def derive_seed(seed: int, epoch: int, rank: int | None = None) -> int:
     if rank is None:
         return seed * 1_000_003 + epoch
     return seed * 1_000_003 + epoch * 65_537 + rank
-
-
-def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank's contiguous [start, end) of `total` rows; shard sizes differ by at most one."""
-    return rank * total // world_size, (rank + 1) * total // world_size
 
 
 def draw_views(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

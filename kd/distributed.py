@@ -58,11 +58,17 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     return world, torch.device(f"cuda:{world.local_rank}" if cuda else "cpu")
 
 
+def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's contiguous [start, end) of `total` rows; shard sizes differ by at most one."""
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
 def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
-    """Concatenate each rank's contiguous shard (kd.data.shard_range) of a split's rows."""
+    """Concatenate each rank's contiguous shard (shard_range) of a split's rows."""
     if world.size == 1:
         return shard
-    sizes = [(r + 1) * total // world.size - r * total // world.size for r in range(world.size)]
+    sizes = [end - start for start, end in (shard_range(total, r, world.size)
+                                            for r in range(world.size))]
     padded = torch.zeros((max(sizes), *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
     padded[:len(shard)] = shard  # all_gather needs equal sizes
     parts = [torch.empty_like(padded) for _ in range(world.size)]

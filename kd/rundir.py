@@ -1,10 +1,13 @@
-"""The run folder: who may write to it, what config it records, how a stopped run is resumed.
+"""The run folder: who may write to it, what config it records, how a stopped run is resumed,
+and what its config means (which script made it, what it computes, which folders are seeds of one
+experiment). study.py and the report ask this module; nothing else decides.
 
 Nothing in an existing run folder is touched until every input has been checked: the folder is
 only checked by `check_out_dir` (before models and data load) and only emptied by
 `reset_out_dir` (right before the first write).
 """
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -14,11 +17,13 @@ import torch
 import torchvision
 
 from kd.errors import UserError
+from kd.models import TEACHER_ARCH
 
+STUDY_FILE = "study.json"  # marks a study folder (study.py's --out_dir) and records its commands
 RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "logits_last.pt",
              "logits_best.pt")
 # Config keys that record where and how a run executed, not what it computed: they may change on
-# --resume, and runs that differ only in these and the seed are seeds of one experiment (plots/).
+# --resume, and runs that differ only in these and the seed are seeds of one experiment.
 EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
                   "per_rank_batch_size", "resume", "overwrite", "out_dir", "data_dir", "download",
                   "device", "compile", "eval_batch_size", "save_every", "teacher_ckpt",
@@ -76,28 +81,66 @@ def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world
             "per_rank_batch_size": args.batch_size // world.size}
 
 
-# Settings added since runs were first written, with the value such older runs had in effect
+# Settings added since runs were first written, with the value that distilled runs written
+# before them had in effect
 LATER_DEFAULTS = {"method": "kd", "logit_std": False, "ce_weight": 1.0, "dkd_alpha": 1.0,
                   "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 2.0, "dist_gamma": 2.0,
                   "teacher_logits": "online", "teacher_cache_sha256": None}
 
 
-def changed_settings(saved: dict, config: dict, keys) -> list[str]:
-    """'--key saved -> config' for each of keys, execution keys aside, where the two differ."""
-    return [f"--{k} {saved.get(k)} -> {config.get(k)}"
-            for k in sorted(set(keys) - EXECUTION_KEYS) if saved.get(k) != config.get(k)]
+def is_distilled(config: dict, log_columns=()) -> bool:
+    """Whether the run was made by distill_student.py: its config names a teacher; a folder
+    whose config.json cannot be read is known by the KD term in its log.csv columns."""
+    return "teacher_ckpt" in config or "teacher_sha256" in config or "train_kd" in log_columns
+
+
+def made_by(config: dict) -> str:
+    """The script that made a run with this config."""
+    if is_distilled(config):
+        return "distill_student.py"
+    return "train_teacher.py" if config.get("arch") == TEACHER_ARCH else "train_student.py"
+
+
+def settings(config: dict) -> dict:
+    """What a run computes: its config without EXECUTION_KEYS, a distilled run's completed
+    with the LATER_DEFAULTS it predates."""
+    if is_distilled(config):
+        config = {**LATER_DEFAULTS, **config}
+    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+
+
+def changed_settings(saved: dict, planned: dict, keys=None) -> list[str]:
+    """How the run `saved` describes differs from the one `planned` describes: 'made by X, not
+    Y' when different scripts make them, else '--key saved -> planned' for each setting of
+    `keys` (default: all of both) that differs."""
+    if made_by(saved) != made_by(planned):
+        return [f"made by {made_by(saved)}, not {made_by(planned)}"]
+    old, new = settings(saved), settings(planned)
+    keys = set(old) | set(new) if keys is None else set(keys) - EXECUTION_KEYS
+    return [f"--{k} {old.get(k)} -> {new.get(k)}" for k in sorted(keys) if old.get(k) != new.get(k)]
+
+
+def experiment_key(config: dict) -> str | None:
+    """What a run computes but its seed: two run folders with the same key are seeds of one
+    experiment. None for a config without a seed (unreadable or foreign), never grouped."""
+    if "seed" not in config:
+        return None
+    experiment = {k: v for k, v in settings(config).items() if k != "seed"}
+    return json.dumps(experiment, sort_keys=True, default=str)
 
 
 def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
     """The saved run's config updated with where and how it runs now (epochs, device, processes,
     command, versions), once nothing that changes what it computes differs.
 
-    Refuses any difference in a flag that changes what the run computes (lr, batch size, seed,
-    model, alpha, T, the teacher's weights...), and fewer epochs than already done.
+    Refuses a run another script made, any difference in a flag that changes what the run
+    computes (lr, batch size, seed, model, alpha, T, the teacher's weights...), and fewer epochs
+    than already done.
     """
-    if "teacher_sha256" in saved:  # a KD run from before its later settings existed
-        saved = {**{k: v for k, v in LATER_DEFAULTS.items() if k in config}, **saved}
     changed = changed_settings(saved, config, (set(saved) | set(config)) - {"epochs"})
+    if changed and changed[0].startswith("made by"):
+        raise UserError(f"--resume: the folder holds a run {changed[0]}; resume it with "
+                        f"{made_by(saved)} or start a new --out_dir")
     if changed:
         details = ", ".join(changed)
         raise UserError(f"--resume with settings that change the run ({details}); "

@@ -34,145 +34,232 @@ MEMORY_FORMAT = torch.channels_last  # the loader's layout; cuDNN's fast depthwi
 CUDNN_BENCHMARK = True  # static shapes: the fastest kernels are searched for once
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # see kd.losses
 # The teacher's logits of a training batch from (images, view keys): the live teacher's forward,
-# or a kd.cache.TeacherCache lookup
+# or a kd.cache.TeacherCache lookup (distill_student.py picks)
 TeacherLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> torch.device:
+@dataclass
+class Start:
+    """Where a run starts: its device, its processes (torchrun), and on --resume the last.pt it
+    continues from (loaded once, before any model is built)."""
+
+    device: torch.device
+    world: World
+    checkpoint: dict | None
+
+
+def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> Start:
     """Check the run folder (touching nothing; `keep`: input files --overwrite must not delete),
-    pick the device (joining torchrun's process group when launched by it), seed the RNG."""
+    pick the device (joining torchrun's process group when launched by it), seed the RNG, and
+    on --resume load last.pt."""
     world, device = init_world(args.device)
     if args.batch_size % world.size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide "
                         f"evenly over {world.size} processes")
     check_out_dir(args, keep)
     torch.manual_seed(args.seed)
-    return device
+    checkpoint = load_checkpoint(os.path.join(args.out_dir, "last.pt")) if args.resume else None
+    return Start(device, world, checkpoint)
 
 
-def fit(args: argparse.Namespace, model: nn.Module, device: torch.device,
-        loss_at: Callable[[int], LossFn], run_info: dict, teacher: nn.Module | None = None,
-        teacher_cache: TeacherLogits | None = None) -> dict:
+@dataclass
+class Teacher:
+    """The frozen teacher of a distilled run, as fit uses it."""
+
+    module: nn.Module  # on the device; gives the evaluation splits' logits, once per run
+    train_logits: TeacherLogits  # a training batch's logits: the module's forward or a cache
+
+
+def fit(args: argparse.Namespace, model: nn.Module, start: Start,
+        loss_at: Callable[[argparse.Namespace, int], LossFn], run_info: dict,
+        teacher: Teacher | None = None) -> dict:
     """Train model as args say, write the run folder, return the summary.
 
-    loss_at(epoch): the loss function minimised in that epoch (a new one each epoch only for
-    DKD's warm-up), called as loss_fn(logits, labels), or with a frozen teacher as
-    loss_fn(logits, teacher_logits, labels) (kd.losses). run_info: what the config records
-    beyond the flags (arch, teacher hash).
-    teacher_cache: the training views' teacher logits come from it and the teacher runs only on
-    the evaluation splits, once.
+    loss_at(args, epoch): the loss minimised in that epoch (kd.losses), called as
+    loss_fn(logits, labels), or with a teacher as loss_fn(logits, teacher_logits, labels).
+    run_info: what config.json records beyond the flags (arch, teacher hash).
     """
-    world = World.from_env()
-    main = world.is_main
+    device, world = start.device, start.world
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
-    config = run_config(args, device, run_info, world)
     train_loader, eval_loaders, class_to_coarse = load_data(args, device, world)
-    model, trained = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world, device,
-                              sync_bn=args.sync_bn)  # trained: the DDP wrapper under torchrun
+    model_without_ddp, model = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world,
+                                        device, sync_bn=args.sync_bn)
     opt = make_optimization(args, model, len(train_loader), device)
-    select = "val_top1" if args.val_size else "test_top1"
-    state = {"epoch": 0, "best": {select: -1.0}, "last": {}, "elapsed_s": 0.0}
-    out = lambda name: os.path.join(args.out_dir, name)
-    if args.resume:
-        ckpt = load_checkpoint(out("last.pt"))
-        config = resumed_config(ckpt["config"], config, ckpt["epoch"])
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt)
-        state = {k: ckpt[k] for k in state}
-        if state["epoch"] >= args.epochs:
-            if main:
-                print(f"{args.out_dir}: the run is already complete at epoch {state['epoch']}")
-            return write_summary(out("summary.json"), state, select, config) if main else state
-    if main:
-        reset_out_dir(args)
-        write_json(out("config.json"), config)
-
-    teacher_logits = {}
-    if teacher is not None:
-        teacher.to(device, memory_format=MEMORY_FORMAT)
-        teacher_logits = predict_splits(teacher, eval_loaders, opt.autocast, world)
-        top1 = (teacher_logits["test"].argmax(1) == eval_loaders["test"].split.labels).float()
-        if main:
-            print(f"teacher test_top1 {100 * top1.mean().item():.2f}")
-    logger = CSVLogger(out("log.csv"), keep_epochs=state["epoch"]) if main else None
-    eval_model = model
-    if args.compile:  # graphs for the trained model, the loss, the teacher, the eval model
-        trained, eval_model = torch.compile(trained), torch.compile(model)
-    training_teacher = teacher_cache  # where the training views' teacher logits come from
-    if teacher is not None and teacher_cache is None:
-        online = torch.compile(teacher) if args.compile else teacher
-        training_teacher = lambda images, views: online(images)
+    record = restore(args, start, model_without_ddp, opt, run_info)
+    if record.epoch >= args.epochs:
+        record.say(f"{args.out_dir}: the run is already complete at epoch {record.epoch}")
+        return record.finish()
+    record.begin()
+    teacher_logits = evaluate_teacher(teacher, eval_loaders, opt.autocast, world, record)
+    eval_model = model_without_ddp
+    if args.compile:  # graphs for the trained model, the eval model and each epoch's loss
+        model, eval_model = torch.compile(model), torch.compile(model_without_ddp)
     should_stop = agreed_stop(stop_requested, world, device)
-    saved_epoch, clock = state["epoch"], time.perf_counter()  # the epoch last.pt holds
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+    for epoch in range(record.epoch + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
-        loss_fn = torch.compile(loss_at(epoch)) if args.compile else loss_at(epoch)
-        try:
-            stats = train_one_epoch(trained, training_teacher, loss_fn, opt, train_loader, epoch,
-                                    should_stop, show_progress=main)
-        except UserError as e:  # a NaN loss: nothing of this epoch is saved
-            raise UserError(f"{e}; {stopped_message(saved_epoch)}") from None
-        except StopRequested:
-            raise StopRequested(stopped_message(saved_epoch)) from None
-        check_in_sync(model, world)
-        broadcast_buffers(model, world)
+        loss_fn = torch.compile(loss_at(args, epoch)) if args.compile else loss_at(args, epoch)
+        step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt)
+        with resume_hint(record.saved_epoch):
+            stats = train_one_epoch(step, train_loader, epoch, should_stop,
+                                    show_progress=world.is_main)
+        check_in_sync(model_without_ddp, world)
+        broadcast_buffers(model_without_ddp, world)
         logits = predict_splits(eval_model, eval_loaders, opt.autocast, world)
         metrics = eval_metrics(logits, eval_loaders, class_to_coarse, teacher_logits)
-        timing = {k: stats.pop(k) for k in ("epoch_time_s", "train_img_per_s")}
-        row = {"epoch": epoch, **stats, **metrics, **timing}  # log.csv's column order
-        state["epoch"] = epoch
-        # wall time: training, evaluation and the previous epoch's checkpoint writes
-        state["elapsed_s"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        state["last"] = {"epoch": epoch, **metrics}
-        is_best = row[select] > state["best"][select]
+        blob = logits_record(logits, eval_loaders, epoch, teacher_logits) if world.is_main else None
+        record.end_epoch({"epoch": epoch, **stats, **metrics}, model_without_ddp, opt, blob)
+    return record.finish()
+
+
+class Record:
+    """The run folder as the run writes it (config.json, log.csv, the checkpoints, summary.json;
+    rank 0 only) and the progress last.pt holds: epochs done, the best and the last epoch's
+    metrics, the wall time so far (training, evaluation and checkpoint writes)."""
+
+    def __init__(self, args: argparse.Namespace, config: dict, is_main: bool):
+        self.args, self.config, self.is_main = args, config, is_main
+        self.select = "val_top1" if args.val_size else "test_top1"  # what picks best.pt
+        self.epoch, self.best, self.last, self.elapsed_s = 0, {self.select: -1.0}, {}, 0.0
+        self.saved_epoch = 0  # the epoch last.pt holds
+        self.logger, self.clock = None, time.perf_counter()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.args.out_dir, name)
+
+    def say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
+    def begin(self) -> None:
+        """Make the folder ready (rank 0): the old run's files gone with --overwrite, config.json
+        written, log.csv kept up to the saved epoch."""
+        self.clock = time.perf_counter()
+        if self.is_main:
+            reset_out_dir(self.args)
+            write_json(self.path("config.json"), self.config)
+            self.logger = CSVLogger(self.path("log.csv"), keep_epochs=self.epoch)
+
+    def end_epoch(self, row: dict, model_without_ddp: nn.Module, opt: "Optimization",
+                  logits_blob: dict | None) -> None:
+        """Log the epoch's row (training stats, then the evaluation columns test_*, val_*) and
+        write its checkpoints: best.pt and logits_best.pt when it is the best yet, last.pt and
+        logits_last.pt every --save_every epochs and at the end."""
+        timing = ("epoch_time_s", "train_img_per_s")  # log.csv's last columns
+        row = {**{k: v for k, v in row.items() if k not in timing}, **{k: row[k] for k in timing}}
+        metrics = {k: v for k, v in row.items() if k.startswith(("test_", "val_"))}
+        self.epoch, self.last = row["epoch"], {"epoch": row["epoch"], **metrics}
+        self.elapsed_s += time.perf_counter() - self.clock  # with the last epoch's writes
+        self.clock = time.perf_counter()
+        is_best = row[self.select] > self.best[self.select]
         if is_best:
-            state["best"] = state["last"]
-        save_last = epoch % args.save_every == 0 or epoch == args.epochs
-        saved_epoch = epoch if save_last else saved_epoch
-        if not main:
-            continue
-        logger.log(row)
-        ckpt = {"model": model.state_dict(), **opt.state_dict(), "config": config, **state}
-        logits_blob = logits_record(logits, eval_loaders, epoch, teacher_logits)
+            self.best = self.last
+        save_last = self.epoch % self.args.save_every == 0 or self.epoch == self.args.epochs
+        self.saved_epoch = self.epoch if save_last else self.saved_epoch
+        if not self.is_main:
+            return
+        self.logger.log(row)
+        ckpt = {"model": model_without_ddp.state_dict(), **opt.state_dict(),
+                "config": self.config, **self.progress()}
         # best before last: a crash in between redoes this epoch on resume and rewrites both
         for suffix in ("best",) * is_best + ("last",) * save_last:
-            save_checkpoint(out(f"logits_{suffix}.pt"), logits_blob)
-            save_checkpoint(out(f"{suffix}.pt"), ckpt)
-        val = f"val_top1 {row['val_top1']:.2f}  " if args.val_size else ""
-        print(f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.4f}  {val}"
-              f"test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s", flush=True)
-    state["elapsed_s"] += time.perf_counter() - clock  # the last checkpoint writes
-    return write_summary(out("summary.json"), state, select, config) if main else state
+            save_checkpoint(self.path(f"logits_{suffix}.pt"), logits_blob)
+            save_checkpoint(self.path(f"{suffix}.pt"), ckpt)
+        val = f"val_top1 {row['val_top1']:.2f}  " if self.args.val_size else ""
+        print(f"epoch {self.epoch}/{self.args.epochs}  train_loss {row['train_loss']:.4f}  "
+              f"{val}test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s",
+              flush=True)
+
+    def progress(self) -> dict:
+        return {"epoch": self.epoch, "best": self.best, "last": self.last,
+                "elapsed_s": self.elapsed_s}
+
+    def finish(self) -> dict:
+        """summary.json (rank 0) with the last checkpoint writes timed; the summary, or on other
+        ranks the progress."""
+        self.elapsed_s += time.perf_counter() - self.clock
+        if not self.is_main:
+            return self.progress()
+        return write_summary(self.path("summary.json"), self.progress(), self.select, self.config)
 
 
-def train_one_epoch(model: nn.Module, teacher: TeacherLogits | None, loss_fn: LossFn,
-                    opt: "Optimization", loader: DeviceLoader, epoch: int,
+def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module,
+            opt: "Optimization", run_info: dict) -> Record:
+    """A new run's record, or on --resume last.pt's, with its weights and optimizer state loaded
+    into model_without_ddp and opt once the settings agree (kd.rundir.resumed_config)."""
+    record = Record(args, run_config(args, start.device, run_info, start.world),
+                    start.world.is_main)
+    ckpt = start.checkpoint
+    if ckpt is not None:
+        record.config = resumed_config(ckpt["config"], record.config, ckpt["epoch"])
+        model_without_ddp.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt)
+        record.epoch, record.best, record.last = ckpt["epoch"], ckpt["best"], ckpt["last"]
+        record.elapsed_s, record.saved_epoch = ckpt["elapsed_s"], ckpt["epoch"]
+    return record
+
+
+def evaluate_teacher(teacher: Teacher | None, loaders: dict[str, DeviceLoader], autocast,
+                     world: World, record: Record) -> dict[str, torch.Tensor]:
+    """The teacher's logits of every evaluation split ({} without a teacher), its test top-1
+    printed: they are the same every epoch."""
+    if teacher is None:
+        return {}
+    logits = predict_splits(teacher.module, loaders, autocast, world)
+    top1 = (logits["test"].argmax(1) == loaders["test"].split.labels).float().mean()
+    record.say(f"teacher test_top1 {100 * top1.item():.2f}")
+    return logits
+
+
+@contextlib.contextmanager
+def resume_hint(saved_epoch: int):
+    """A NaN loss or a stop signal inside the block ends the run with how to go on from the
+    epoch last.pt holds; nothing of the unfinished epoch is saved."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{e}; {stopped_message(saved_epoch)}") from None
+    except StopRequested:
+        raise StopRequested(stopped_message(saved_epoch)) from None
+
+
+@dataclass
+class Step:
+    """What a training step uses, travelling together: the model trained through (the DDP
+    wrapper under torchrun, compiled with --compile), where a batch's teacher logits come from
+    (None without a teacher), the epoch's loss function and the optimization."""
+
+    model: nn.Module
+    teacher_logits: TeacherLogits | None
+    loss_fn: LossFn
+    opt: "Optimization"
+
+
+def train_one_epoch(step: Step, loader: DeviceLoader, epoch: int,
                     should_stop: Callable[[], bool] = lambda: False, *, show_progress: bool = True,
                     refresh_every: int = 25) -> dict:
     """One epoch; returns the last step's lr, the epoch's mean loss, top-1 (%) and named loss
     terms (train_<name>), its time and images/s. A NaN or infinite loss raises UserError."""
-    model.train()
+    step.model.train()
     sums = 0
     first_bad_step = torch.tensor(-1, device=loader.device)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not show_progress)
     start = time.perf_counter()
-    for step, (images, labels, views) in enumerate(bar):
+    for i, (images, labels, keys) in enumerate(bar):
         if should_stop():
             raise StopRequested
-        lr = opt.optimizer.param_groups[0]["lr"]
-        loss, logits, terms = train_step(model, teacher, loss_fn, opt, images, labels, views)
+        lr = step.opt.optimizer.param_groups[0]["lr"]
+        loss, logits, terms = train_step(step, images, labels, keys)
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).float().mean()
             sums = sums + torch.stack([loss, correct, *terms.values()])
             bad_now = ~torch.isfinite(loss) & (first_bad_step < 0)
-            first_bad_step = torch.where(bad_now, step, first_bad_step)
-        if step % refresh_every == refresh_every - 1:
+            first_bad_step = torch.where(bad_now, i, first_bad_step)
+        if i % refresh_every == refresh_every - 1:
             check_finite(first_bad_step, epoch)
-            seen = (step + 1) * len(labels)
-            bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.3f}",
+            seen = (i + 1) * len(labels)
+            bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")
     check_finite(first_bad_step, epoch)
     means = [s / len(loader) for s in average_across_ranks(sums).tolist()]  # the one sync
@@ -191,19 +278,20 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
         raise UserError(f"loss became NaN or infinite at epoch {epoch}, step {bad + 1}")
 
 
-def train_step(model: nn.Module, teacher: TeacherLogits | None, loss_fn: LossFn,
-               opt: "Optimization", images: torch.Tensor, labels: torch.Tensor,
-               views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One SGD step; returns the loss, the logits and the named loss terms, still on the device.
-    views: the loader's view keys of the batch, for a teacher cache."""
+    keys: the loader's view keys of the batch, which a teacher cache looks the logits up by."""
+    opt = step.opt
     with opt.autocast():
-        logits = model(images)
-        if teacher is None:
-            loss, terms = loss_fn(logits, labels)
+        logits = step.model(images)
+        if step.teacher_logits is None:
+            loss, terms = step.loss_fn(logits, labels)
         else:
             with torch.inference_mode():
-                teacher_logits = teacher(images, views)
-            loss, terms = loss_fn(logits, teacher_logits.clone(), labels)  # clone: autograd-usable
+                teacher_logits = step.teacher_logits(images, keys)
+            # clone: an inference tensor cannot be saved for backward
+            loss, terms = step.loss_fn(logits, teacher_logits.clone(), labels)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     opt.scaler.step(opt.optimizer)

@@ -7,9 +7,6 @@ FlopCounterMode's FLOPs / 2. Results are cached per model in a JSON file and reu
 CPU, torch's thread count, the torch version and the number of timed passes stay the same.
 """
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -17,20 +14,11 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.models import build_model, model_name
+from kd.timing import cpu_name, measure as time_call
 
 INPUT_SHAPE = (1, 3, 32, 32)
 WARMUP = 3
 COST_HEADER = ["model", "params (M)", "MACs (M)", "CPU latency (ms)"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -45,14 +33,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def median_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    for _ in range(WARMUP):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * time_call(lambda: model(x), warmup=WARMUP, repeats=repeats).seconds
 
 
 def measure(config: dict, repeats: int) -> dict:

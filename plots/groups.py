@@ -6,12 +6,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kd.rundir import EXECUTION_KEYS
+from kd import rundir
 from plots.rundata import Run
 
 METRICS = ["top1", "top5", "loss", "ece", "super_top1", "agree"]  # test_<metric> in the logs
-# Runs whose configs differ only in these keys are seeds of one experiment.
-NOT_EXPERIMENT_KEYS = EXECUTION_KEYS | {"seed"}
 
 
 @dataclass
@@ -55,12 +53,10 @@ def group_records(group: Group) -> pd.DataFrame:
 
 
 def experiment_key(run: Run) -> str | None:
-    """What a run computed: its config without NOT_EXPERIMENT_KEYS, and whether it finished.
-    None for runs without a recorded seed, which are never grouped."""
-    if "seed" not in run.config:
-        return None
-    config = {k: v for k, v in run.config.items() if k not in NOT_EXPERIMENT_KEYS}
-    return json.dumps([config, run.summary is not None], sort_keys=True, default=str)
+    """The run's experiment (kd.rundir.experiment_key) and whether it finished: a table row
+    averages finished seeds, or unfinished ones. None for runs never grouped."""
+    experiment = rundir.experiment_key(run.config)
+    return None if experiment is None else json.dumps([experiment, run.summary is not None])
 
 
 def group_label(labels: list[str]) -> str:
@@ -76,7 +72,7 @@ def group_label(labels: list[str]) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Runs that differ only by seed (see NOT_EXPERIMENT_KEYS) as one group, in first-run order."""
+    """The seeds of one experiment (experiment_key) as one group, in first-run order."""
     keyed: dict[str, list[Run]] = {}
     for i, run in enumerate(runs):
         keyed.setdefault(experiment_key(run) or f"run {i}", []).append(run)

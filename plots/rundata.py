@@ -15,6 +15,7 @@ import torch
 
 from kd.errors import UserError
 from kd.models import TEACHER_ARCH
+from kd.rundir import is_distilled, settings
 
 REQUIRED_COLUMNS = ["epoch", "lr", "train_loss", "test_top1", "test_top5", "epoch_time_s"]
 RUN_MARKERS = ("config.json", "log.csv")  # config.json from a run's start, log.csv after epoch 1
@@ -39,7 +40,7 @@ class Run:
 
     @property
     def is_kd(self) -> bool:
-        return "teacher_ckpt" in self.config or "train_kd" in self.log.columns
+        return is_distilled(self.config, self.log.columns)
 
     @property
     def role(self) -> str:
@@ -51,7 +52,8 @@ class Run:
         before it), '+logit_std' when it was on."""
         if not self.is_kd:
             return "ce"
-        return str(self.config.get("method", "kd")) + "+logit_std" * bool(self.config.get("logit_std"))
+        run = settings(self.config)  # an unreadable config.json reads as {}
+        return str(run.get("method", "kd")) + "+logit_std" * bool(run.get("logit_std"))
 
 
 def is_run_folder(path: Path) -> bool:

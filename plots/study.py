@@ -16,12 +16,12 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from plots.groups import NOT_EXPERIMENT_KEYS, Group, group_runs
+from kd.rundir import STUDY_FILE, settings
+from plots.groups import Group, group_runs
 from plots.rundata import Run
 from plots.style import save_figure
 from plots.tables import markdown, number
 
-STUDY_FILE = "study.json"  # written by study.py into its --out_dir
 LEVEL = 0.95
 
 
@@ -96,7 +96,7 @@ def sort_key(value) -> tuple:
 
 def grid_points(groups: list[Group]) -> list[Point]:
     """The groups of one method as points, set by the config keys whose values differ."""
-    configs = [{k: v for k, v in g.runs[0].config.items() if k not in NOT_EXPERIMENT_KEYS}
+    configs = [{k: v for k, v in settings(g.runs[0].config).items() if k != "seed"}
                for g in groups]
     axes = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)]
     axes += [k for c in configs for k in c if k not in configs[0] and k not in axes]

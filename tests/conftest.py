@@ -1,26 +1,14 @@
+"""Fixtures shared by the test modules: generated data and a teacher trained once per session.
+Helper functions and constants are in helpers.py."""
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-import kd.errors
+from helpers import REPO, TINY_RUN
 from kd.synthetic import write_fake_cifar100
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-class RunsCode:
-    """A pickle payload: unpickling it runs `touch marker` (for the refusal tests)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +17,6 @@ def fake_data(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     write_fake_cifar100(str(root), n_train=300, n_test=100, seed=0)
     return str(root)
-
-
-# A short run of any script on fake_data (the pipeline tests, the teacher below, the study)
-TINY_RUN = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
 
 
 @pytest.fixture(scope="session")
@@ -54,28 +38,3 @@ def no_weight_downloads(monkeypatch, tmp_path):
     """Keep torch's weight cache empty and private, so no test depends on what a machine cached."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-def run_in_process(script, argv: list[str], monkeypatch, capsys) -> SimpleNamespace:
-    """Run a script's main() (a path under the repo, or the function) through
-    kd.errors.run_script in this process, as `python script argv` would, without seconds of
-    imports; returns its exit code, stdout and stderr."""
-    main = runpy.run_path(str(REPO / script))["main"] if isinstance(script, str) else script
-    monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
-    monkeypatch.setattr(kd.errors.signal, "signal", lambda *a: None)  # keep pytest's Ctrl-C
-    try:
-        kd.errors.run_script(main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-
-def assert_one_line_error(result, *phrases) -> None:
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: ")
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]

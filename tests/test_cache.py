@@ -91,8 +91,8 @@ def test_loader_views_are_the_images_it_yields(small_data):
                   split.classes, split.file_index[kept])
     loader = DeviceLoader(train, 5, CPU, train=True, seed=4)
     loader.set_epoch(2)
-    for images, labels, views in loader:
-        for image, key in zip(images, views.tolist()):
+    for images, labels, keys in loader:
+        for image, key in zip(images, keys.tolist()):
             index, view = divmod(key, NUM_VIEWS)
             (dy, dx), flip = divmod(view // 2, 9), view % 2
             assert torch.allclose(image, hand_view(raw, index, dy, dx, bool(flip)), atol=1e-5)

@@ -6,7 +6,7 @@ import torch
 from torchvision.models import resnet50
 
 import kd.evaluate
-from conftest import RunsCode, assert_one_line_error, run_in_process
+from helpers import RunsCode, assert_one_line_error, run_in_process
 from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from kd.errors import UserError
 from kd.logger import CSVLogger
@@ -130,5 +130,6 @@ def test_kd_runs_from_before_the_method_flags_resume_as_kd():
     with pytest.raises(UserError, match="--method kd -> dkd"):
         resumed_config(old, {**now, "method": "dkd"}, 2)
     baseline = {"arch": "mobilenet_v3_small", "epochs": 3}  # not a KD run: nothing is filled in
-    with pytest.raises(UserError, match="--teacher_sha256 None -> ab"):
+    with pytest.raises(UserError, match="holds a run made by train_student.py, not "
+                                        "distill_student.py; resume it with train_student.py"):
         resumed_config(baseline, now, 2)

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import RunsCode
+from helpers import RunsCode
 from kd.data import (CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, PAD, DeviceLoader, Split, derive_seed,
                      load_cifar100, load_split, view_pixels)
 from kd.errors import UserError
@@ -66,11 +66,11 @@ def test_train_batches_are_crops_and_flips_of_the_padded_image():
     loader = DeviceLoader(split, batch_size=5, device="cpu", train=True, seed=1)
     padded = torch.nn.functional.pad(split.images, (PAD,) * 4)
     found_flip = False
-    for x, y, views in loader:
+    for x, y, keys in loader:
         assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
-        assert torch.equal(views // NUM_VIEWS, y)  # tiny_split: label i at file position i
+        assert torch.equal(keys // NUM_VIEWS, y)  # tiny_split: label i at file position i
         crops = unnormalize(loader, x)
-        assert torch.equal(crops, view_pixels(split.images[y], views % NUM_VIEWS))
+        assert torch.equal(crops, view_pixels(split.images[y], keys % NUM_VIEWS))
         for crop, label in zip(crops, y):
             windows = [padded[label, :, dy:dy + 32, dx:dx + 32]
                        for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)]

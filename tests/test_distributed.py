@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from kd.cache import load_cache, open_cache
 from kd.evaluate import evaluate_checkpoint
 from kd.models import load_teacher

@@ -9,7 +9,7 @@ import pytest
 
 import kd.errors
 from kd.errors import StopRequested, UserError, run_script
-from conftest import REPO
+from helpers import REPO
 
 
 def ends(raised: Exception, rank: str, monkeypatch, capsys, world_size: str | None = "2"

@@ -8,8 +8,8 @@ from torch.profiler import profile
 
 from kd.losses import ce_loss
 from kd.models import build_student
-from kd.train import train_one_epoch
-from test_train import optimization, train_loader
+from kd.train import Step, train_one_epoch
+from helpers import optimization, train_loader
 
 
 def host_reads_in_epoch(fake_data, n_images: int, refresh_every: int, monkeypatch) -> int:
@@ -20,7 +20,7 @@ def host_reads_in_epoch(fake_data, n_images: int, refresh_every: int, monkeypatc
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(1) or original(t))
     with profile() as prof:
-        train_one_epoch(model, None, ce_loss, opt, loader, epoch=1, refresh_every=refresh_every)
+        train_one_epoch(Step(model, None, ce_loss, opt), loader, epoch=1, refresh_every=refresh_every)
     items = sum(e.count for e in prof.key_averages() if e.key == "aten::item")
     return items + len(tolist_calls)
 

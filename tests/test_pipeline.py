@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, assert_one_line_error, run_in_process
+from helpers import REPO, TINY_RUN, assert_one_line_error, run_in_process
 from kd.checkpoint import file_sha256
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.synthetic import write_fake_cifar100

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, RunsCode
+from helpers import REPO, RunsCode
 from kd.checkpoint import load_checkpoint, save_checkpoint
 from kd.errors import UserError
 

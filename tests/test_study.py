@@ -15,11 +15,11 @@ import torch
 
 import distill_student
 import study
-from conftest import REPO, assert_one_line_error, run_in_process
+from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
 from plots.rundata import load_runs
 from plots.study import gain, paired_interval, read_study, t_quantile
-from test_report import STUDENT, report, write_run
+from helpers import STUDENT, report, write_run
 
 COMMON = ["--epochs", "1", "--batch_size", "100", "--eval_batch_size", "100", "--no-download"]
 
@@ -100,7 +100,7 @@ def test_each_method_reads_exactly_its_flags():
     def loss(method: str, name: str | None) -> float:
         flag = [] if name is None else [f"--{name}"] + ([changed[name]] if changed[name] else [])
         args = parser.parse_args(["--method", method, *flag])
-        return distill_student.loss_at(args)(2)(student, teacher, labels)[0].item()
+        return distill_student.loss_at(args, 2)(student, teacher, labels)[0].item()
 
     for method, reads in distill_student.METHOD_FLAGS.items():
         for name in changed:

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kd.data import DeviceLoader, Split, load_split, normalize
+from helpers import optimization, train_loader
+from kd.data import DeviceLoader, load_split, normalize
 from kd.errors import UserError
 from kd.losses import ce_loss, kd_loss
 from kd.models import build_student, build_teacher
-from kd.train import make_optimization, predict, train_one_epoch, train_step, warmup_cosine
+from kd.train import Step, make_optimization, predict, train_one_epoch, train_step, warmup_cosine
 
 CPU = torch.device("cpu")
 
@@ -24,19 +25,6 @@ def test_warmup_then_cosine():
     assert warmup_cosine(0, 0, 100) == pytest.approx(1.0)
 
 
-def optimization(model, steps_per_epoch, warmup_epochs=0.0):
-    args = SimpleNamespace(lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_epochs=warmup_epochs,
-                           epochs=1, amp=True, amp_dtype="bf16")  # amp: ignored on CPU
-    return make_optimization(args, model, steps_per_epoch, CPU)
-
-
-def train_loader(fake_data, batch_size=50, n_images=300):
-    split = load_split(fake_data, train=True)
-    split = Split(split.images[:n_images], split.labels[:n_images],
-                  split.coarse_labels[:n_images], split.classes)
-    return DeviceLoader(split, batch_size, CPU, train=True, seed=0)
-
-
 def test_the_step_minimises_exactly_the_loss_function(fake_data):
     """train_step's loss is kd_loss of the student's logits and the teacher's, and its update is
     the SGD step on that loss's gradient."""
@@ -44,14 +32,14 @@ def test_the_step_minimises_exactly_the_loss_function(fake_data):
     teacher, student = build_teacher(32).eval().requires_grad_(False), build_student()
     twin = build_student()
     twin.load_state_dict(student.state_dict())
-    images, labels, views = next(iter(train_loader(fake_data)))
+    images, labels, keys = next(iter(train_loader(fake_data)))
     loss_fn = functools.partial(kd_loss, alpha=0.3, T=2.0)
     calls = []
     spy = lambda *a: calls.append(a) or loss_fn(*a)
     torch.manual_seed(1)  # the same dropout mask in both students
-    online = lambda images, views: teacher(images)
-    loss, logits, terms = train_step(student, online, spy, optimization(student, 1), images, labels,
-                                     views)
+    online = lambda images, keys: teacher(images)
+    step = Step(student, online, spy, optimization(student, 1))
+    loss, logits, terms = train_step(step, images, labels, keys)
 
     assert len(calls) == 1 and calls[0][2] is labels
     with torch.no_grad():
@@ -76,8 +64,9 @@ def test_kd_epoch_trains_the_student_and_never_touches_the_teacher(fake_data):
     loader = train_loader(fake_data, batch_size=25, n_images=100)
     loss_fn = functools.partial(kd_loss, alpha=0.5, T=4.0)
     teacher.eval().requires_grad_(False)
-    stats = train_one_epoch(student, lambda images, views: teacher(images), loss_fn,
-                            optimization(student, len(loader), 2 / len(loader)), loader, 1)
+    step = Step(student, lambda images, keys: teacher(images), loss_fn,
+                optimization(student, len(loader), 2 / len(loader)))
+    stats = train_one_epoch(step, loader, 1)
     for k, v in teacher.state_dict().items():  # weights and BatchNorm running stats alike
         assert torch.equal(v, teacher_before[k]), k
     assert not teacher.training
@@ -116,7 +105,7 @@ class NaNAtCall(torch.nn.Module):
 def test_nan_loss_stops_with_epoch_and_step(fake_data):
     model, loader = NaNAtCall(nan_from=3), train_loader(fake_data)
     with pytest.raises(UserError, match="NaN or infinite at epoch 7, step 3"):
-        train_one_epoch(model, None, ce_loss, optimization(model, len(loader)), loader, epoch=7)
+        train_one_epoch(Step(model, None, ce_loss, optimization(model, len(loader))), loader, epoch=7)
 
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available")

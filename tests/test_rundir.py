@@ -1,0 +1,85 @@
+"""kd/rundir.py is the one place that says what a run folder holds: resume, study.py and the
+report's grouping ask it, so they agree on the same folders."""
+import argparse
+import itertools
+from pathlib import Path
+
+import pytest
+
+import study
+from helpers import write_run
+from kd.distributed import World
+from kd.errors import UserError
+from kd.models import STUDENT_ARCH
+from kd.rundir import LATER_DEFAULTS, experiment_key, resumed_config, run_config
+from plots.groups import group_runs
+from plots.rundata import load_runs
+
+RUN = ["--epochs", "2", "--batch_size", "100", "--no-download", "--device", "cpu"]
+
+
+def saved_config(job: study.Job) -> dict:
+    """The config.json the job's script writes (kd.rundir.run_config of its flags)."""
+    config = job.config
+    run_info = {"arch": STUDENT_ARCH}
+    if job.distills:
+        cached = config["teacher_logits"] == "cache"
+        run_info.update(teacher_sha256=config["teacher_sha256"],
+                        teacher_logits=config["teacher_logits"],
+                        teacher_cache_sha256="cd34" if cached else None)
+    args = argparse.Namespace(**{k: v for k, v in config.items() if k not in run_info})
+    return run_config(args, study.torch.device("cpu"), run_info, World())
+
+
+@pytest.fixture
+def folders(tmp_path) -> tuple[dict[str, dict], dict[str, study.Job]]:
+    """Run folders' configs (a CE baseline, online KD of two seeds, a KD run from before
+    --method existed, cached KD) and the study jobs that plan the same runs."""
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"stand-in teacher")
+    def plan(*argv: str) -> list[study.Job]:
+        args, rest = study.build_parser().parse_known_args(
+            ["--out_dir", str(tmp_path / "study"), "--teacher_ckpt", str(teacher), *RUN, *argv])
+        return study.plan(args, study.flag_values(rest))
+
+    online = {job.name: job for job in plan("--teacher_cache", "none", "--seeds", "0", "1")}
+    cached = {job.name: job for job in plan("--teacher_cache", str(tmp_path / "c.pt"),
+                                            "--seeds", "0")}
+    jobs = {"ce0": online["ce/seed0"], "online0": online["kd/seed0"],
+            "online1": online["kd/seed1"], "cached0": cached["kd/seed0"]}
+    configs = {name: saved_config(job) for name, job in jobs.items()}
+    configs["old0"] = {k: v for k, v in configs["online0"].items() if k not in LATER_DEFAULTS}
+    return configs, jobs
+
+
+def test_resume_study_and_report_agree(folders, tmp_path):
+    configs, jobs = folders
+    for (folder, saved), (name, job) in itertools.product(configs.items(), jobs.items()):
+        try:
+            resumed_config(saved, saved_config(job), 0)
+            resumes = True
+        except UserError:
+            resumes = False
+        study_takes = not study.differences(saved, job)
+        same_experiment = experiment_key(saved) == experiment_key(saved_config(job))
+        same_seed = saved["seed"] == job.config["seed"]
+        assert resumes == study_takes == (same_experiment and same_seed), (folder, name)
+        expected = folder == name or (folder, name) == ("old0", "online0")
+        assert resumes == expected, (folder, name)
+
+    for name, config in configs.items():  # the report groups them as seeds of experiments
+        write_run(tmp_path / "report" / name, config, [10.0, 20.0])
+    runs, _ = load_runs([tmp_path / "report"])
+    groups = sorted(sorted(run.label for run in group.runs) for group in group_runs(runs))
+    assert groups == [["cached0"], ["ce0"], ["old0", "online0", "online1"]]
+    assert {run.label: run.method for run in runs}["old0"] == "kd"
+
+
+def test_a_folder_of_another_script_is_named_so(folders):
+    configs, jobs = folders
+    with pytest.raises(UserError, match=r"^--resume: the folder holds a run made by "
+                                        r"distill_student.py, not train_student.py; resume it "
+                                        r"with distill_student.py"):
+        resumed_config(configs["online0"], saved_config(jobs["ce0"]), 1)
+    assert study.differences(configs["ce0"], jobs["online0"]) == [
+        "made by train_student.py, not distill_student.py"]
