@@ -19,7 +19,7 @@ from kd.flags import add_student_flags, base_parser, number, positive_float
 from kd.losses import dist_objective, dkd_objective, kd_loss
 from kd.models import STUDENT_ARCH, build_student, load_teacher
 from kd.rundir import resumed_config
-from kd.train import MEMORY_FORMAT, LossFn, Teacher, fit, make_autocast, prepare_run
+from kd.train import MEMORY_FORMAT, LossFn, Teacher, fit, prepare_run
 
 weight = number(float, 0)
 
@@ -79,9 +79,7 @@ def main() -> None:
         saved = start.checkpoint["config"]
         resumed_config(saved, {**saved, "teacher_logits": run_info["teacher_logits"]}, 0)
     if args.teacher_cache:  # the logits of the very view each image is trained on, looked up
-        autocast = make_autocast(start.device, amp=args.amp, amp_dtype=args.amp_dtype)
-        train_logits = open_cache(args.teacher_cache, teacher, args.teacher_ckpt, args.data_dir,
-                                  start.device, autocast, download=args.download)
+        train_logits = open_cache(args.teacher_cache, teacher, args, start.device)
         run_info["teacher_cache_sha256"] = file_sha256(args.teacher_cache)
     else:
         online = torch.compile(teacher) if args.compile else teacher

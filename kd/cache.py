@@ -162,15 +162,19 @@ def spot_check(cache: TeacherCache, teacher: nn.Module, train: Split, autocast, 
                         f"delete it to build it again")
 
 
-def open_cache(path: str, teacher: nn.Module, teacher_ckpt: str, data_dir: str,
-               device: torch.device, autocast, *, download: bool = True) -> TeacherCache:
+def open_cache(path: str, teacher: nn.Module, args: argparse.Namespace, device: torch.device
+               ) -> TeacherCache:
     """The teacher cache at path for this teacher and training data, built there first when the
     file does not exist; checked against the header the run expects and against the live
-    teacher; its logits on `device` when they fit there. The frozen teacher must be on device."""
+    teacher; its logits on `device` when they fit there. The frozen teacher must be on device.
+    args: the teacher's --teacher_ckpt, the data's --data_dir and --download, the teacher's
+    precision --amp and --amp_dtype (kd.cache's and distill_student.py's flags alike)."""
     world = World.from_env()
+    autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
     with local_main_first(world, device):
-        train = load_split(data_dir, train=True, download=download).to(device)
-    expected = expected_header(teacher, teacher_ckpt, data_dir, len(train), precision_name(autocast))
+        train = load_split(args.data_dir, train=True, download=args.download).to(device)
+    expected = expected_header(teacher, args.teacher_ckpt, args.data_dir, len(train),
+                               precision_name(autocast))
     if not os.path.exists(path):
         logits = build(teacher, train, autocast, world)
         if world.is_main:
@@ -214,9 +218,7 @@ def main() -> None:
         raise UserError(f"{args.out} exists; delete it or pick another --out")
     _, device = init_world(args.device)
     teacher = load_teacher(args.teacher_ckpt).to(device, memory_format=MEMORY_FORMAT)
-    autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
-    open_cache(args.out, teacher, args.teacher_ckpt, args.data_dir, device, autocast,
-               download=args.download)
+    open_cache(args.out, teacher, args, device)
 
 
 if __name__ == "__main__":

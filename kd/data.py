@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd.distributed import shard_range
+from kd.distributed import World, shard_range
 from kd.errors import UserError
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -203,20 +203,20 @@ class DeviceLoader:
     name the exact view each image is (kd.cache looks the teacher's logits up by them), None in
     eval mode).
 
-    With world_size > 1 (DistributedDataParallel) batch_size is the global batch: every rank
+    With world.size > 1 (DistributedDataParallel) batch_size is the global batch: every rank
     draws the same permutation and augmentation and takes its own slice of each global batch, so
     the data seen per step is the same for any number of processes. In eval mode each rank takes
     a contiguous shard (shard_range) and the split stays whole for the metrics.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str, *, train: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, world: World = World()):
         self.device = torch.device(device)
         self.split = split.to(self.device)
-        self.global_batch_size = batch_size if train else batch_size * world_size
-        self.batch_size = batch_size // world_size if train else batch_size
-        self.rank = rank
-        self.shard = shard_range(len(split), rank, world_size)
+        self.global_batch_size = batch_size if train else batch_size * world.size
+        self.batch_size = batch_size // world.size if train else batch_size
+        self.rank = world.rank
+        self.shard = shard_range(len(split), world.rank, world.size)
         self.train = train
         self.seed = seed
         self.epoch = 0

@@ -99,10 +99,12 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
     return p
 
 
-def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data_dir", default="./data",
+def add_data_flags(p: argparse.ArgumentParser, *, of_the_run: bool = False) -> None:
+    """of_the_run: --data_dir defaults to the folder the checkpoint's run was trained on."""
+    p.add_argument("--data_dir", default=None if of_the_run else "./data",
                    help="folder holding cifar-100-python/ (downloaded there when missing); "
-                        "its pickles are read, so it must be a folder you trust")
+                        "its pickles are read, so it must be a folder you trust" +
+                        ("; default: the --data_dir the checkpoint's run recorded" * of_the_run))
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download CIFAR-100 into --data_dir when it is missing there")
 

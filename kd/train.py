@@ -373,9 +373,9 @@ def load_data(args: argparse.Namespace, device: torch.device, world: World
     if args.batch_size > len(train):
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train)} "
                         f"training images")
-    shard = {"rank": world.rank, "world_size": world.size}
-    train_loader = DeviceLoader(train, args.batch_size, device, train=True, seed=args.seed, **shard)
-    eval_loaders = {name: DeviceLoader(split, args.eval_batch_size, device, train=False, **shard)
+    train_loader = DeviceLoader(train, args.batch_size, device, train=True, seed=args.seed,
+                                world=world)
+    eval_loaders = {name: DeviceLoader(split, args.eval_batch_size, device, train=False, world=world)
                     for name, split in splits.items()}
     return train_loader, eval_loaders, fine_to_coarse(train.labels, train.coarse_labels).to(device)
 

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kd.models import build_model, model_name
 from kd.timing import cpu_name, measure as time_call
+from plots.tables import markdown
 
 INPUT_SHAPE = (1, 3, 32, 32)
 WARMUP = 3
@@ -71,6 +72,13 @@ def model_costs(configs: list[dict], cache_path: Path, repeats: int) -> dict[str
         costs[key] = entry
     cache_path.write_text(json.dumps(cache, indent=2) + "\n")
     return costs
+
+
+def cost_section(costs: dict[str, dict]) -> str:
+    """results.md's model-cost section, for costs measured with one number of timed passes."""
+    repeats = next(iter(costs.values()))["repeats"]
+    return "\n\n".join(["## Model cost", cost_note(repeats),
+                        markdown(COST_HEADER, cost_rows(costs))])
 
 
 def cost_rows(costs: dict[str, dict]) -> list[list[str]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_RUN
+from helpers import REPO, TINY_RUN, run_in_process
 from kd.synthetic import write_fake_cifar100
 
 
@@ -38,3 +38,9 @@ def no_weight_downloads(monkeypatch, tmp_path):
     """Keep torch's weight cache empty and private, so no test depends on what a machine cached."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """helpers.run_in_process with this test's monkeypatch and capsys."""
+    return lambda script, argv: run_in_process(script, argv, monkeypatch, capsys)

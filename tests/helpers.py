@@ -58,6 +58,13 @@ def assert_one_line_error(result, *phrases) -> None:
         assert phrase in lines[0], lines[0]
 
 
+def cache_flags(teacher_ckpt, data_dir: str) -> SimpleNamespace:
+    """The flags kd.cache.open_cache reads, for a teacher checkpoint and a data folder (CPU:
+    float32 whatever --amp says)."""
+    return SimpleNamespace(teacher_ckpt=str(teacher_ckpt), data_dir=str(data_dir), download=False,
+                           amp=True, amp_dtype="bf16")
+
+
 def optimization(model, steps_per_epoch, warmup_epochs=0.0):
     args = SimpleNamespace(lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_epochs=warmup_epochs,
                            epochs=1, amp=True, amp_dtype="bf16")  # amp: ignored on CPU

@@ -1,7 +1,6 @@
 """The teacher cache (kd.cache): every view's logits, exactly the view the loader trains on, and
 the refusals. A tiny stand-in teacher keeps the build fast; kd.cache only needs a module with
 an img_size. tests/test_pipeline.py runs a KD run on a cache against an online one."""
-import contextlib
 import os
 import pickle
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import kd.cache
-
+from helpers import cache_flags
 from kd.cache import TeacherCache, load_cache, open_cache, view_logits
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split, load_split
 from kd.errors import StopRequested, UserError
@@ -49,8 +48,7 @@ def built(small_data, tmp_path_factory):
     ckpt.write_bytes(b"the teacher checkpoint's bytes")
     path = str(folder / "cache.pt")
     teacher = TinyTeacher().eval()
-    cache = open_cache(path, teacher, str(ckpt), small_data, CPU, contextlib.nullcontext,
-                       download=False)
+    cache = open_cache(path, teacher, cache_flags(ckpt, small_data), CPU)
     return {"path": path, "ckpt": str(ckpt), "teacher": teacher, "cache": cache}
 
 
@@ -109,8 +107,8 @@ def test_lookup_by_batch_keys(built):
 
 
 def reopen(built, small_data, teacher=None, ckpt=None, data=None):
-    return open_cache(built["path"], teacher or built["teacher"], ckpt or built["ckpt"],
-                      data or small_data, CPU, contextlib.nullcontext, download=False)
+    return open_cache(built["path"], teacher or built["teacher"],
+                      cache_flags(ckpt or built["ckpt"], data or small_data), CPU)
 
 
 def test_refusals(built, small_data, tmp_path):
@@ -145,8 +143,7 @@ def test_an_interrupted_build_leaves_no_file(small_data, tmp_path):
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"x")
     with pytest.raises(KeyboardInterrupt):
-        open_cache(str(tmp_path / "c.pt"), Interrupted(), str(ckpt), small_data, CPU,
-                   contextlib.nullcontext, download=False)
+        open_cache(str(tmp_path / "c.pt"), Interrupted(), cache_flags(ckpt, small_data), CPU)
     assert os.listdir(tmp_path) == ["t.pt"]
 
 
@@ -156,8 +153,8 @@ def test_spot_check_catches_swapped_flips(built, small_data, tmp_path):
     blob["logits"] = blob["logits"].view(24, NUM_VIEWS // 2, 2, 100).flip(2).reshape(24, NUM_VIEWS, 100)
     torch.save(blob, tmp_path / "swapped.pt")
     with pytest.raises(UserError, match="disagrees with the live teacher"):
-        open_cache(str(tmp_path / "swapped.pt"), built["teacher"], built["ckpt"], small_data, CPU,
-                   contextlib.nullcontext, download=False)
+        open_cache(str(tmp_path / "swapped.pt"), built["teacher"],
+                   cache_flags(built["ckpt"], small_data), CPU)
 
 
 def test_ctrl_c_stops_a_build_and_writes_nothing(small_data, tmp_path, monkeypatch):
@@ -165,6 +162,6 @@ def test_ctrl_c_stops_a_build_and_writes_nothing(small_data, tmp_path, monkeypat
     ckpt = tmp_path / "teacher.pt"
     ckpt.write_bytes(b"the teacher checkpoint's bytes")
     with pytest.raises(StopRequested, match="the teacher cache was not written"):
-        open_cache(str(tmp_path / "cache.pt"), TinyTeacher().eval(), str(ckpt), small_data, CPU,
-                   contextlib.nullcontext, download=False)
+        open_cache(str(tmp_path / "cache.pt"), TinyTeacher().eval(), cache_flags(ckpt, small_data),
+                   CPU)
     assert list(tmp_path.iterdir()) == [ckpt]

@@ -1,15 +1,15 @@
 """The three scripts under torchrun with two CPU processes (gloo) on generated data."""
-import contextlib
 import csv
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, cache_flags
 from kd.cache import load_cache, open_cache
 from kd.evaluate import evaluate_checkpoint
 from kd.models import load_teacher
@@ -55,8 +55,9 @@ def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, fak
     assert config["world_size"] == 2 and config["per_rank_batch_size"] == 25
     ckpt = torch.load(folder / "last.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    metrics = evaluate_checkpoint(str(folder / "last.pt"), fake_data, torch.device("cpu"),
-                                  batch_size=100, download=False)
+    flags = SimpleNamespace(data_dir=fake_data, download=False, amp=True, amp_dtype="bf16",
+                            batch_size=100)
+    metrics = evaluate_checkpoint(str(folder / "last.pt"), flags, torch.device("cpu"))
     for key in ("test_top1", "test_top5", "test_super_top1"):
         assert metrics[key] == pytest.approx(float(rows[-1][key]), abs=1e-3), key
     assert metrics["test_loss"] == pytest.approx(float(rows[-1]["test_loss"]), rel=1e-4)
@@ -92,8 +93,8 @@ def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
     teacher = str(ddp_runs / "teacher" / "best.pt")
     torchrun("kd/cache.py", "--teacher_ckpt", teacher, "--out", str(tmp_path / "shared.pt"),
              "--data_dir", data, "--no-download", "--device", "cpu")
-    open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), teacher, data,
-               torch.device("cpu"), contextlib.nullcontext, download=False)
+    open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), cache_flags(teacher, data),
+               torch.device("cpu"))
     shared, single = load_cache(str(tmp_path / "shared.pt")), load_cache(str(tmp_path / "single.pt"))
     assert shared.header == single.header and shared.logits.shape == (5, 162, 100)
     a, b = shared.logits.float(), single.logits.float()  # fp16: a few ulps of the largest logit

@@ -108,11 +108,12 @@ def test_validation_split_picks_the_best_checkpoint(runs):
 
 
 def test_evaluate_any_checkpoint_matches_the_log(runs, fake_data, tmp_path):
+    """With no --data_dir, on the run's own data (REPO, the working folder, has no ./data)."""
     out = tmp_path / "m.json"
-    run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--data_dir", fake_data,
-        "--no-download", "--json", str(out))
+    run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--no-download", "--json", str(out))
     metrics = json.load(open(out))
     assert metrics["precision"] == "float32" and metrics["device"] == "cpu"
+    assert metrics["data_dir"] == fake_data
     last = list(csv.DictReader(open(runs / "baseline" / "log.csv")))[-1]
     for key in ("test_top1", "test_top5", "test_ece", "test_super_top1"):
         assert metrics[key] == pytest.approx(float(last[key]), abs=1e-2), key
@@ -164,12 +165,11 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--teacher_ckpt", "missing.pt"], "does not exist"),
     (["--resume"], "no last.pt"),
 ])
-def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, monkeypatch, capsys):
+def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, in_process):
     """In-process (the subprocess tests above cover the real entry point), to keep the suite fast."""
     teacher = ["--teacher_ckpt", str(runs / "teacher" / "best.pt")]
-    result = run_in_process("distill_student.py", ["--out_dir", str(tmp_path / "new"), "--data_dir",
-                                                   fake_data, *COMMON, *teacher, *args],
-                            monkeypatch, capsys)
+    result = in_process("distill_student.py", ["--out_dir", str(tmp_path / "new"), "--data_dir",
+                                               fake_data, *COMMON, *teacher, *args])
     assert_one_line_error(result, phrase)
 
 

@@ -2,7 +2,6 @@
 report's grouping ask it, so they agree on the same folders."""
 import argparse
 import itertools
-from pathlib import Path
 
 import pytest
 
