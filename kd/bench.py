@@ -13,10 +13,11 @@ The defaults are what training runs: distill_student.py's defaults (batch size, 
 kd with its alpha and T, through its own loss_at), kd.train's memory format (channels_last) and
 cuDNN autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU); eager, and on CUDA
 also compiled, to show what --compile gains. A grid of variants, dtype (fp16 with a GradScaler)
-x channels_last x torch.compile, is asked for with --dtypes, --channels_last both. Images are random uint8, not CIFAR-100:
-throughput does not depend on pixel values. Times come from kd.timing.measure: CUDA events around
-blocks of steps (synchronised only at block ends), perf_counter on the CPU; each number is the
-median of --repeats blocks after untimed warm-up. "compile s" is the first step minus a steady one.
+x channels_last x torch.compile, is asked for with --dtypes, --channels_last both. Images are
+random uint8, not CIFAR-100: throughput does not depend on pixel values. Times come from
+kd.timing.measure: CUDA events around blocks of steps (synchronised only at block ends),
+perf_counter on the CPU; each number is the median of --repeats blocks after untimed warm-up.
+"compile s" is the first step minus a steady one.
 
   python -m kd.bench                            # the training settings, every config
   python -m kd.bench --compile off              # eager only
@@ -121,18 +122,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluation batch size (default 1000, as the training scripts; "
                         "256 with --quick on CPU)")
     p.add_argument("--images", type=positive_int, metavar="N",
-                   help="generated training images (default 50,000 on CUDA, 10,000 on CPU, 4,096 with "
-                        "--quick); the eval split is a fifth of it, in whole eval batches")
+                   help="generated training images (default 50,000 on CUDA, 10,000 on CPU, "
+                        "4,096 with --quick); the eval split is a fifth of it, in whole eval "
+                        "batches")
     p.add_argument("--steps", type=positive_int, metavar="N",
-                   help="training steps per timed block (default 20 on CUDA, 5 on CPU; 1 with --quick)")
+                   help="training steps per timed block (default 20 on CUDA, 5 on CPU; 1 with "
+                        "--quick)")
     p.add_argument("--repeats", type=positive_int, metavar="N",
                    help="timed blocks; the median is reported (default 5; 3 with --quick)")
     p.add_argument("--warmup", type=positive_int, metavar="N",
                    help="untimed warm-up training steps, compilation included (default 5; 1 with "
                         "--quick); data epochs and eval passes always warm up with one")
     p.add_argument("--configs", metavar="LIST", type=comma_list(list(CONFIGS)),
-                   help=f"comma-separated, from {','.join(CONFIGS)} (default on CUDA: all but kd_t32; "
-                        f"on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
+                   help=f"comma-separated, from {','.join(CONFIGS)} (default on CUDA: all but "
+                        f"kd_t32; on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
     p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
                    help="autocast dtypes, comma-separated (default: bf16 on CUDA, fp32 on CPU, "
                         "the only one kd.train.make_autocast gives there: the scripts' defaults)")
@@ -148,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
-    """Resolve the flags left unset: the full grid on CUDA, small and eager on CPU or with --quick."""
+    """Resolve the flags left unset: the full grid on CUDA, small and eager on CPU or with
+    --quick."""
     quick, small_cpu = args.quick, args.quick and not cuda
     defaults = {
         "batch_size": DISTILL["build_parser"]().get_default("batch_size"),
@@ -167,7 +171,8 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     if args.images < args.batch_size:
         raise UserError(f"--images {args.images} is fewer than one --batch_size {args.batch_size}")
     if not cuda and args.dtypes != ["fp32"]:
-        raise UserError("on CPU only --dtypes fp32 applies: kd.train.make_autocast autocasts on CUDA only")
+        raise UserError("on CPU only --dtypes fp32 applies: kd.train.make_autocast autocasts on "
+                        "CUDA only")
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
@@ -189,7 +194,8 @@ class PILDataset(torch.utils.data.Dataset):
     """The usual torchvision CIFAR pipeline: each item becomes a PIL image, then is transformed."""
 
     def __init__(self, split: Split):
-        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as torchvision's CIFAR100
+        # HWC, as torchvision's CIFAR100
+        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()
         self.labels = split.labels.tolist()
         self.transform = transforms.Compose([
             transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
@@ -230,8 +236,10 @@ def bench_data(split: Split, loader: DeviceLoader, args: argparse.Namespace,
             "torchvision_img_per_s": theirs, "torchvision_workers": workers, "ratio": ours / theirs}
 
 
-def build(config: Config, variant: Variant, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
-    """The model that trains or evaluates and, for KD, the frozen teacher, placed as kd.train.fit does."""
+def build(config: Config, variant: Variant, device: torch.device
+          ) -> tuple[nn.Module, nn.Module | None]:
+    """The model that trains or evaluates and, for KD, the frozen teacher, placed as kd.train.fit
+    does."""
     model = build_student("cifar") if config.student else build_teacher(config.img_size)
     model.to(device, memory_format=variant.memory_format)
     teacher = None
@@ -313,7 +321,8 @@ def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: arg
         logits = predict(eval_model, loader, autocast)
         split_metrics(logits, split.labels, split.coarse_labels, class_to_coarse)
     timing = measure(evaluate, repeats=args.repeats, device=device)
-    row = {"config": config.name, **asdict(variant), "img_per_s": len(loader.split) / timing.seconds}
+    row = {"config": config.name, **asdict(variant),
+           "img_per_s": len(loader.split) / timing.seconds}
     if variant.compile:
         row["compile_s"] = timing.first_s - timing.seconds
     return row
@@ -358,20 +367,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     report = {"device": device_name(device), "device_type": device.type,
-              "torch": str(torch.__version__), "load_average": os.getloadavg()[0], "flags": vars(args),
-              "data": None, "train": [], "eval": []}
+              "torch": str(torch.__version__), "load_average": os.getloadavg()[0],
+              "flags": vars(args), "data": None, "train": [], "eval": []}
     save = (lambda: write_json(args.json, report)) if args.json else (lambda: None)
     print_header(report, args, device)
 
     split = random_split(args.images)
     train_loader = DeviceLoader(split, args.batch_size, device, train=True, seed=0)
-    n_eval = max(1, args.images // 5 // args.eval_batch_size) * args.eval_batch_size  # no padded batch
-    eval_loader = DeviceLoader(random_split(n_eval, seed=1), args.eval_batch_size, device, train=False)
+    # no padded batch
+    n_eval = max(1, args.images // 5 // args.eval_batch_size) * args.eval_batch_size
+    eval_loader = DeviceLoader(random_split(n_eval, seed=1), args.eval_batch_size, device,
+                               train=False)
     report["data"] = bench_data(split, train_loader, args, device)
     print_data(report["data"])
     report["cache_build"] = bench_cache_build(split, args, device)
     print(f"\nteacher cache build, teacher at {report['cache_build']['img_size']} px in "
-          f"{report['cache_build']['precision']}: {report['cache_build']['views_per_s']:,.0f} views/s")
+          f"{report['cache_build']['precision']}: "
+          f"{report['cache_build']['views_per_s']:,.0f} views/s")
     save()
 
     print("\nimg/s: training on one pre-made batch, or evaluation passes; loader img/s: the same "
@@ -380,9 +392,11 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants(args):
         for config in (CONFIGS[name] for name in args.configs):
             if variant.compile:
-                torch._dynamo.reset()  # else each new model recompiles the same code, past dynamo's limit
+                # else each new model recompiles the same code, past dynamo's limit
+                torch._dynamo.reset()
             bench = bench_train if config.train else bench_eval
-            row = bench(config, variant, train_loader if config.train else eval_loader, args, device)
+            row = bench(config, variant, train_loader if config.train else eval_loader, args,
+                        device)
             report["train" if config.train else "eval"].append(row)
             print(format_row(row), flush=True)
             save()
@@ -406,7 +420,8 @@ def bench_cache_build(split: Split, args: argparse.Namespace, device: torch.devi
     img_size = 224 if device.type == "cuda" else 32
     teacher = build_teacher(img_size).to(device, memory_format=MEMORY_FORMAT).eval()
     n = 128 if device.type == "cuda" and not args.quick else 4
-    images = Split(split.images[:n], split.labels[:n], split.coarse_labels[:n], split.classes).to(device)
+    images = Split(split.images[:n], split.labels[:n], split.coarse_labels[:n],
+                   split.classes).to(device)
     dtype = args.dtypes[0]
     autocast = make_autocast(device, amp=dtype != "fp32", amp_dtype=dtype)
     timing = measure(lambda: build_cache(teacher, images, autocast, World(), show_progress=False),

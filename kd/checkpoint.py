@@ -1,4 +1,5 @@
-"""Crash-safe files: every write goes to a temporary file in the same folder, is fsynced, then renamed.
+"""Crash-safe files: every write goes to a temporary file in the same folder, is fsynced, then
+renamed.
 
 A crash at any moment leaves either the previous good file or the new one, never half of one.
 Checkpoints are loaded with weights_only=True, so a tampered file cannot run code.
@@ -35,7 +36,8 @@ def atomic_write(path: str, write: Callable) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if e.errno == errno.ENOSPC:
-            raise UserError(f"disk full while writing {path}; the previous file is untouched") from e
+            raise UserError(f"disk full while writing {path}; the previous file is "
+                            f"untouched") from e
         raise
     except BaseException:
         if os.path.exists(tmp):
@@ -67,9 +69,11 @@ def file_sha256(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this repo, refusing anything that is not plain tensors and data."""
+    """Load a checkpoint written by this repo, refusing anything that is not plain tensors and
+    data."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+        raise UserError(f"checkpoint {path} "
+                        f"{'is not a file' if os.path.exists(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -77,5 +81,6 @@ def load_checkpoint(path: str) -> dict:
         reason = next((line for line in lines if "global" in line.lower()), lines[0]).strip()
         raise UserError(f"{path} is not a loadable checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this repo (no model/config entries)")
+        raise UserError(f"{path} is not a checkpoint written by this repo (no model/config "
+                        f"entries)")
     return ckpt

@@ -107,11 +107,11 @@ def load_cifar100(root: str, *, train: bool, download: bool = False
         raise UserError(f"CIFAR-100 files in {folder} are malformed ({e!r}); delete the folder to "
                         f"download them again")
     if not (len(images) == len(labels) == len(coarse)) or len(classes) != 100:
-        raise UserError(f"CIFAR-100 files in {folder} are inconsistent; delete the folder to download "
-                        f"them again")
+        raise UserError(f"CIFAR-100 files in {folder} are inconsistent; delete the folder to "
+                        f"download them again")
     if labels.min() < 0 or labels.max() >= 100 or coarse.min() < 0 or coarse.max() >= 20:
-        raise UserError(f"CIFAR-100 labels in {folder} are out of range; delete the folder to download "
-                        f"them again")
+        raise UserError(f"CIFAR-100 labels in {folder} are out of range; delete the folder to "
+                        f"download them again")
     return images, labels, coarse, classes
 
 
@@ -246,7 +246,8 @@ class DeviceLoader:
             first = start + self.rank * self.batch_size
             idx = order[first:first + self.batch_size]
             side = 32 + 2 * PAD
-            pixel = (idx[:, None, None] * side + rows[idx][:, :, None]) * side + cols[idx][:, None, :]
+            pixel = ((idx[:, None, None] * side + rows[idx][:, :, None]) * side
+                     + cols[idx][:, None, :])
             crops = self.pixels.index_select(0, pixel.view(-1)).view(len(idx), 32, 32, 3)
             keys = self.split.file_index[idx] * NUM_VIEWS + views[idx]
             yield normalize(crops.permute(0, 3, 1, 2)), self.split.labels[idx], keys

@@ -144,7 +144,8 @@ def max_across_ranks(value: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def local_main_first(world: World, device: torch.device):
     """Run the block on each machine's local rank 0 first, then on the other ranks (downloads)."""
-    barrier = lambda: dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+    barrier = lambda: (dist.barrier(device_ids=[device.index]) if device.type == "cuda"
+                       else dist.barrier())
     if world.size > 1 and world.local_rank != 0:
         barrier()
     yield

@@ -60,11 +60,13 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
                 ) -> argparse.ArgumentParser:
     """Flags every script shares; the keyword arguments are that script's defaults."""
     p = Parser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--out_dir", default=out_dir, help="run folder: config, log, checkpoints, summary")
+    p.add_argument("--out_dir", default=out_dir,
+                   help="run folder: config, log, checkpoints, summary")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     p.add_argument("--batch_size", type=positive_int, default=batch_size,
                    help="global training batch size (split over the processes under torchrun)")
-    p.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (after warmup)")
+    p.add_argument("--lr", type=positive_float, default=lr,
+                   help="peak learning rate (after warmup)")
     p.add_argument("--weight_decay", type=number(float, 0), default=5e-4, help="SGD weight decay")
     p.add_argument("--momentum", type=number(float, 0, 1, high_open=True), default=0.9,
                    help="SGD momentum")
@@ -76,11 +78,13 @@ def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int,
                         "balanced; drawn from --seed) as a "
                         "validation set that picks best.pt; 0: best.pt is picked on the test set")
     add_device_flag(p)
-    p.add_argument("--seed", type=int, default=0, help="seeds weights init, data order, augmentation")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds weights init, data order, augmentation")
     add_precision_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model, the loss and the KD teacher: fewer kernel "
-                        "launches per step, at the cost of compiling first (1-2 min on 2 CPU cores)")
+                        "launches per step, at the cost of compiling first (1-2 min on 2 CPU "
+                        "cores)")
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun: SyncBatchNorm (batch statistics over the global batch, "
                         "at the cost of a collective and a host sync per BatchNorm layer per "

@@ -40,10 +40,12 @@ def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
     existing = existing_run_files(args.out_dir)
     if args.resume and "last.pt" not in existing:
         hint = "--overwrite instead of --resume to start it again" if existing else "no --resume"
-        raise UserError(f"--resume: no last.pt in {args.out_dir} (no epoch finished); run with {hint}")
+        raise UserError(f"--resume: no last.pt in {args.out_dir} (no epoch finished); "
+                        f"run with {hint}")
     if existing and not (args.resume or args.overwrite):
         raise UserError(f"{args.out_dir} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
+                        f"pass --resume to continue it, --overwrite to replace it, or another "
+                        f"--out_dir")
     deleted = {os.path.abspath(os.path.join(args.out_dir, name)) for name in existing}
     for path in keep:
         if args.overwrite and os.path.abspath(path) in deleted:
@@ -160,5 +162,6 @@ def rerun_command(flag: str) -> str:
 
 def stopped_message(epochs_done: int) -> str:
     if epochs_done == 0:
-        return f"no epoch finished, so nothing was saved. Start again with:\n  {rerun_command('--overwrite')}"
+        return (f"no epoch finished, so nothing was saved. Start again with:\n"
+                f"  {rerun_command('--overwrite')}")
     return f"last.pt holds epoch {epochs_done}. Resume with:\n  {rerun_command('--resume')}"

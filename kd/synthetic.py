@@ -16,7 +16,8 @@ from kd.data import FOLDER
 
 
 def make_prototypes(rng: np.random.Generator) -> np.ndarray:
-    """[100, 3, 40, 40] smooth class patterns in [0, 1]; the 5 classes of a superclass look alike."""
+    """[100, 3, 40, 40] smooth class patterns in [0, 1]; the 5 classes of a superclass look
+    alike."""
     superclass_base = rng.uniform(0, 1, (20, 3, 8, 8))
     class_detail = rng.uniform(0, 1, (100, 3, 8, 8))
     prototypes = 0.6 * superclass_base[np.arange(100) // 5] + 0.4 * class_detail
@@ -52,7 +53,8 @@ def write_fake_cifar100(root: str, n_train: int = 5000, n_test: int = 1000, seed
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data_demo", help="folder to write cifar-100-python/ into")
     p.add_argument("--train", type=int, default=5000, help="training images")
     p.add_argument("--test", type=int, default=1000, help="test images")

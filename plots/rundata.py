@@ -174,7 +174,8 @@ def load_run(folder: Path, label: str) -> tuple[Run | None, list[str]]:
     if summary is not None and not all(isinstance(summary.get(k), int)
                                        for k in ("epochs", "best_epoch")):
         summary, why = None, "summary.json lacks the integers epochs and best_epoch"
-    elif summary is not None and summary["epochs"] != log["epoch"].iloc[-1]:  # e.g. --resume --epochs
+    elif (summary is not None
+          and summary["epochs"] != log["epoch"].iloc[-1]):  # e.g. --resume --epochs
         summary, why = None, f"summary.json is of epoch {summary['epochs']}, log.csv goes on to " \
                              f"epoch {int(log['epoch'].iloc[-1])}"
     if why:

@@ -61,6 +61,7 @@ def results_row(group: Group, costs: dict | None) -> list[str]:
 
 
 def results_table(groups: list[Group], costs: dict | None) -> str:
-    """costs: kd.models.model_name -> {'params', 'macs', ...}, or None to leave the cost columns out."""
+    """costs: kd.models.model_name -> {'params', 'macs', ...}, or None to leave the cost columns
+    out."""
     header = HEADER + (COST_HEADER if costs is not None else []) + ["status"]
     return markdown(header, [results_row(group, costs) for group in groups])

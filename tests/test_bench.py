@@ -21,7 +21,8 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_quick_cpu_run_reports_every_stage(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench("--quick", "--device", "cpu", "--images", "256", "--batch_size", "32", "--json", str(out))
+    result = bench("--quick", "--device", "cpu", "--images", "256", "--batch_size", "32", "--json",
+                   str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] and report["torch"] and report["flags"]["quick"]

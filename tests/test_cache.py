@@ -150,7 +150,8 @@ def test_an_interrupted_build_leaves_no_file(small_data, tmp_path):
 def test_spot_check_catches_swapped_flips(built, small_data, tmp_path):
     """A cache whose flipped and unflipped views are exchanged (an indexing bug) is refused."""
     blob = torch.load(built["path"], weights_only=True)
-    blob["logits"] = blob["logits"].view(24, NUM_VIEWS // 2, 2, 100).flip(2).reshape(24, NUM_VIEWS, 100)
+    blob["logits"] = (blob["logits"].view(24, NUM_VIEWS // 2, 2, 100).flip(2)
+                      .reshape(24, NUM_VIEWS, 100))
     torch.save(blob, tmp_path / "swapped.pt")
     with pytest.raises(UserError, match="disagrees with the live teacher"):
         open_cache(str(tmp_path / "swapped.pt"), built["teacher"],

@@ -124,7 +124,8 @@ def test_foreign_checkpoints_are_one_line(entry, fake_data, tmp_path, monkeypatc
 
 
 def test_kd_runs_from_before_the_method_flags_resume_as_kd():
-    old = {"arch": "mobilenet_v3_small", "teacher_sha256": "ab", "alpha": 0.5, "T": 4.0, "epochs": 3}
+    old = {"arch": "mobilenet_v3_small", "teacher_sha256": "ab", "alpha": 0.5, "T": 4.0,
+           "epochs": 3}
     now = {**old, **LATER_DEFAULTS, "teacher_cache": None, "save_every": 1}
     assert resumed_config(old, now, 2)["epochs"] == 3
     with pytest.raises(UserError, match="--method kd -> dkd"):

@@ -31,7 +31,8 @@ def test_corrupted_file_is_a_user_error(fake_data, tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     for name in ("meta", "test"):
-        (folder / name).write_bytes((open(os.path.join(fake_data, "cifar-100-python", name), "rb")).read())
+        (folder / name).write_bytes((open(os.path.join(fake_data, "cifar-100-python", name),
+                                          "rb")).read())
     (folder / "train").write_bytes(b"\x80\x02}q\x00(X\x04")  # truncated pickle
     with pytest.raises(UserError, match="cannot read"):
         load_cifar100(str(tmp_path), train=True)
@@ -41,7 +42,8 @@ def test_pickle_that_runs_code_is_refused(fake_data, tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     for name in ("meta", "test"):
-        (folder / name).write_bytes(open(os.path.join(fake_data, "cifar-100-python", name), "rb").read())
+        (folder / name).write_bytes(open(os.path.join(fake_data, "cifar-100-python", name),
+                                         "rb").read())
     marker = tmp_path / "pwned"
     (folder / "train").write_bytes(pickle.dumps({"data": RunsCode(marker)}, protocol=2))
     with pytest.raises(UserError, match="system is not allowed"):
@@ -82,9 +84,10 @@ def test_train_batches_are_crops_and_flips_of_the_padded_image():
 
 
 def test_augmentation_draws_per_image_and_is_seeded():
-    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8) + 200, torch.zeros(64, dtype=torch.int64),
-                  torch.zeros(64, dtype=torch.int64), [])
-    batches = lambda seed, epoch: _epoch(DeviceLoader(split, 64, "cpu", train=True, seed=seed), epoch)
+    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8) + 200,
+                  torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64), [])
+    batches = lambda seed, epoch: _epoch(DeviceLoader(split, 64, "cpu", train=True, seed=seed),
+                                         epoch)
     x = batches(0, 1)
     border_rows = (x[:, 0] < 0).sum(dim=(1, 2))  # zero padding shows up as negative values
     assert len(set(border_rows.tolist())) > 3, "every image should get its own crop"

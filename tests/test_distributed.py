@@ -95,7 +95,8 @@ def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
              "--data_dir", data, "--no-download", "--device", "cpu")
     open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), cache_flags(teacher, data),
                torch.device("cpu"))
-    shared, single = load_cache(str(tmp_path / "shared.pt")), load_cache(str(tmp_path / "single.pt"))
+    shared, single = (load_cache(str(tmp_path / "shared.pt")),
+                      load_cache(str(tmp_path / "single.pt")))
     assert shared.header == single.header and shared.logits.shape == (5, 162, 100)
     a, b = shared.logits.float(), single.logits.float()  # fp16: a few ulps of the largest logit
     assert (a - b).abs().max() <= 2 ** -9 * b.abs().max()

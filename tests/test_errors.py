@@ -32,7 +32,8 @@ def ends(raised: Exception, rank: str, monkeypatch, capsys, world_size: str | No
 
 @pytest.mark.parametrize("raised,code,line", [
     (UserError("bad flag"), 2, "error: bad flag"),
-    (StopRequested("last.pt holds epoch 3"), 128 + signal.SIGTERM, "stopped: last.pt holds epoch 3"),
+    (StopRequested("last.pt holds epoch 3"), 128 + signal.SIGTERM,
+     "stopped: last.pt holds epoch 3"),
 ])
 def test_rank_0_says_why_once_and_the_others_stay_silent(raised, code, line, monkeypatch, capsys):
     assert ends(raised, "0", monkeypatch, capsys) == (code, [line])

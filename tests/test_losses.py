@@ -50,7 +50,8 @@ def test_kd_term_is_T_squared_times_batchmean_kl():
 
 
 def test_gradient_is_T_times_prob_difference():
-    """d/dz_s of T^2*KL(p_t||p_s) averaged over B is T*(p_s - p_t)/B: the scale the T^2 factor keeps."""
+    """d/dz_s of T^2*KL(p_t||p_s) averaged over B is T*(p_s - p_t)/B: the scale the T^2 factor
+    keeps."""
     B, T = 4, 4.0
     s = torch.randn(B, 100, dtype=torch.float64, requires_grad=True)
     t, y = torch.randn(B, 100, dtype=torch.float64), torch.randint(0, 100, (B,))
@@ -114,7 +115,8 @@ def test_dkd_matches_the_loops_with_gradients(seed, T):
 
 
 def test_dkd_decouples_kd_image_by_image():
-    """Per image, T^2 KL(p_t || p_s) = TCKD + (1 - p_t[y]) * NCKD: KD is DKD with beta = 1 - p_t[y]."""
+    """Per image, T^2 KL(p_t || p_s) = TCKD + (1 - p_t[y]) * NCKD: KD is DKD with
+    beta = 1 - p_t[y]."""
     s, t, y = logits(3)
     T = 3.0
     for i in range(len(y)):

@@ -44,7 +44,8 @@ def test_metrics_match_slow_references_on_random_logits(seed):
     coarse = class_to_coarse[labels]
     m = classification_metrics(logits, labels, coarse, class_to_coarse)
     assert m["ece"].item() == pytest.approx(100 * slow_ece(logits, labels), abs=1e-4)
-    nll = -sum(torch.log_softmax(l.double(), 0)[y] for l, y in zip(logits, labels)) / 500
+    nll = -sum(torch.log_softmax(sample_logits.double(), 0)[y]
+               for sample_logits, y in zip(logits, labels)) / 500
     assert m["nll"].item() == pytest.approx(nll.item(), rel=1e-5)
     super_top1, err_in_super = slow_superclass(logits, labels, coarse, class_to_coarse)
     assert m["super_top1"].item() == pytest.approx(super_top1, abs=1e-4)
@@ -54,8 +55,10 @@ def test_metrics_match_slow_references_on_random_logits(seed):
 def test_hand_made_calibration():
     # two samples at confidence ~1 and right: ECE 0; two at ~1 and wrong: ECE 100 %
     confident = torch.tensor([[20.0, 0, 0], [0, 20.0, 0]])
-    assert expected_calibration_error(confident, torch.tensor([0, 1])).item() == pytest.approx(0, abs=1e-6)
-    assert expected_calibration_error(confident, torch.tensor([1, 0])).item() == pytest.approx(1, abs=1e-6)
+    assert (expected_calibration_error(confident, torch.tensor([0, 1])).item()
+            == pytest.approx(0, abs=1e-6))
+    assert (expected_calibration_error(confident, torch.tensor([1, 0])).item()
+            == pytest.approx(1, abs=1e-6))
     # uniform over 4 classes: confidence 0.25, accuracy 1/2 -> |0.5 - 0.25| = 0.25
     uniform = torch.zeros(2, 4)
     assert expected_calibration_error(uniform, torch.tensor([0, 1])).item() == pytest.approx(0.25)
@@ -64,7 +67,7 @@ def test_hand_made_calibration():
 def test_hand_made_superclass_case():
     class_to_coarse = torch.tensor([0, 0, 1, 1])
     logits = torch.eye(4)[[0, 1, 2, 0]] * 5   # predictions 0, 1, 2, 0
-    labels = torch.tensor([0, 0, 3, 3])         # right, wrong in super, wrong in super, wrong outside
+    labels = torch.tensor([0, 0, 3, 3])       # right, wrong in super, wrong in super, wrong outside
     m = classification_metrics(logits, labels, class_to_coarse[labels], class_to_coarse)
     assert m["top1"].item() == pytest.approx(25)
     assert m["super_top1"].item() == pytest.approx(75)
@@ -83,7 +86,8 @@ def test_agreement_and_kl():
 def test_split_metrics_returns_floats_with_loss_named_for_the_log():
     logits, labels = torch.randn(20, 100), torch.randint(0, 100, (20,))
     m = split_metrics(logits, labels, labels // 5, torch.arange(100) // 5, teacher_logits=logits)
-    assert set(m) == {"loss", "top1", "top5", "ece", "super_top1", "err_in_super", "agree", "kl_t_s"}
+    assert set(m) == {"loss", "top1", "top5", "ece", "super_top1", "err_in_super", "agree",
+                      "kl_t_s"}
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -102,7 +106,8 @@ def test_hold_out_is_class_balanced_disjoint_and_seeded():
     assert torch.bincount(val.labels, minlength=100).eq(2).all()
     assert torch.equal(hold_out(split, 200, seed=0)[1].labels, val.labels)
     assert not torch.equal(hold_out(split, 200, seed=1)[1].images, val.images)
-    train_ids = set(map(tuple, torch.stack([train.labels, train.images[:, 0, 0, 0].long()], 1).tolist()))
+    train_ids = set(map(tuple,
+                        torch.stack([train.labels, train.images[:, 0, 0, 0].long()], 1).tolist()))
     val_ids = set(map(tuple, torch.stack([val.labels, val.images[:, 0, 0, 0].long()], 1).tolist()))
     assert not train_ids & val_ids
     with pytest.raises(UserError, match="multiple of 100"):

@@ -20,7 +20,8 @@ def host_reads_in_epoch(fake_data, n_images: int, refresh_every: int, monkeypatc
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(1) or original(t))
     with profile() as prof:
-        train_one_epoch(Step(model, None, ce_loss, opt), loader, epoch=1, refresh_every=refresh_every)
+        train_one_epoch(Step(model, None, ce_loss, opt), loader, epoch=1,
+                        refresh_every=refresh_every)
     items = sum(e.count for e in prof.key_averages() if e.key == "aten::item")
     return items + len(tolist_calls)
 

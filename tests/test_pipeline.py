@@ -58,7 +58,8 @@ def test_run_folder_is_complete(runs, name, extra):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100 for r in rows)
     config = json.load(open(folder / "config.json"))
-    assert config["epochs"] == 2 and config["seed"] == 0 and config["torch"] == str(torch.__version__)
+    assert (config["epochs"] == 2 and config["seed"] == 0
+            and config["torch"] == str(torch.__version__))
     assert config["device_name"] == "cpu"
     summary = json.load(open(folder / "summary.json"))
     assert summary["epochs"] == 2
@@ -92,7 +93,8 @@ def test_saved_logits_reproduce_the_logged_metrics(runs, name):
                                     mapping, saved.get("teacher_logits"))
             for metric in ("top1", "loss", "ece", "top5", "super_top1", "agree"):
                 if f"{split}_{metric}" in row:
-                    assert f"{metrics[metric]:.6g}" == row[f"{split}_{metric}"], (file, split, metric)
+                    assert (f"{metrics[metric]:.6g}"
+                            == row[f"{split}_{metric}"]), (file, split, metric)
 
 
 def test_validation_split_picks_the_best_checkpoint(runs):
@@ -110,7 +112,8 @@ def test_validation_split_picks_the_best_checkpoint(runs):
 def test_evaluate_any_checkpoint_matches_the_log(runs, fake_data, tmp_path):
     """With no --data_dir, on the run's own data (REPO, the working folder, has no ./data)."""
     out = tmp_path / "m.json"
-    run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--no-download", "--json", str(out))
+    run("-m", "kd.evaluate", str(runs / "baseline" / "last.pt"), "--no-download", "--json",
+        str(out))
     metrics = json.load(open(out))
     assert metrics["precision"] == "float32" and metrics["device"] == "cpu"
     assert metrics["data_dir"] == fake_data
@@ -166,7 +169,8 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--resume"], "no last.pt"),
 ])
 def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, in_process):
-    """In-process (the subprocess tests above cover the real entry point), to keep the suite fast."""
+    """In-process (the subprocess tests above cover the real entry point), to keep the suite
+    fast."""
     teacher = ["--teacher_ckpt", str(runs / "teacher" / "best.pt")]
     result = in_process("distill_student.py", ["--out_dir", str(tmp_path / "new"), "--data_dir",
                                                fake_data, *COMMON, *teacher, *args])
@@ -179,7 +183,8 @@ def test_student_checkpoint_is_refused_as_teacher(runs, fake_data, tmp_path):
     assert_one_line_error(result, "not a resnet50 checkpoint", "mobilenet_v3_small")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the message on a machine without CUDA")
 def test_cuda_on_a_machine_without_it(fake_data, tmp_path):
     result = run("train_student.py", "--out_dir", str(tmp_path / "new"), "--data_dir", fake_data,
                  "--device", "cuda", *COMMON, check=False)
@@ -229,7 +234,8 @@ def cached_and_online(runs, tmp_path_factory):
 def test_kd_from_the_cache_matches_online_kd(cached_and_online):
     root, _, built = cached_and_online
     assert "teacher cache written to" in built.stdout and "GB of torch.float16" in built.stdout
-    online, cached = (list(csv.DictReader(open(root / n / "log.csv"))) for n in ("online", "cached"))
+    online, cached = (list(csv.DictReader(open(root / n / "log.csv")))
+                      for n in ("online", "cached"))
     assert len(online) == len(cached) == 2
     for a, b in zip(online, cached):  # the teacher's logits differ only by fp16 storage
         for column in ("train_loss", "train_ce", "train_kd", "test_loss", "test_kl_t_s"):

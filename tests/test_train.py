@@ -105,7 +105,8 @@ class NaNAtCall(torch.nn.Module):
 def test_nan_loss_stops_with_epoch_and_step(fake_data):
     model, loader = NaNAtCall(nan_from=3), train_loader(fake_data)
     with pytest.raises(UserError, match="NaN or infinite at epoch 7, step 3"):
-        train_one_epoch(Step(model, None, ce_loss, optimization(model, len(loader))), loader, epoch=7)
+        train_one_epoch(Step(model, None, ce_loss, optimization(model, len(loader))), loader,
+                        epoch=7)
 
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available")
