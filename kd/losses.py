@@ -119,3 +119,94 @@ def dist_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     ce = F.cross_entropy(wide(student_logits)[0], targets)
     distill, terms = dist_loss(student_logits, teacher_logits, beta, gamma, T)
     return ce_weight * ce + distill, {"ce": ce, **terms}
+
+
+def fitnet_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNets (Romero et al., ICLR 2015), the hint loss:
+
+        L = mean over all elements of (r(F_s) - F_t)^2
+
+    r(F_s): the student's map at the hint stage through its trainable regressor
+    (kd.features.HintRegressor), F_t: the teacher's map at the same stage and size.
+    """
+    s, t = wide(student_feature, teacher_feature)
+    return F.mse_loss(s, t)
+
+
+def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss of one side (RepDistiller's ContrastLoss): scores [B, 1 + K], the
+    positive first, each P = exp(<m, v> / tau) / Z; noise mass m * Pn with Pn = 1 / num_data:
+
+        L = -(1 / B) * sum_i [log(P_i0 / (P_i0 + K Pn + eps))
+                               + sum_k log(K Pn / (P_ik + K Pn + eps))]
+    """
+    s = wide(scores)[0]
+    noise = (s.shape[1] - 1) / num_data
+    positive = torch.log(s[:, 0] / (s[:, 0] + noise + eps))
+    negative = torch.log(noise / (s[:, 1:] + noise + eps))
+    return -(positive.sum() + negative.sum()) / s.shape[0]
+
+
+def crd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, num_data: int
+             ) -> torch.Tensor:
+    """Contrastive Representation Distillation (Tian et al., ICLR 2020):
+
+        L = contrast_loss(student scores) + contrast_loss(teacher scores)
+
+    the scores of each model's embedding against the other model's memory bank
+    (kd.features.ContrastMemory), num_data training images in the noise distribution.
+    """
+    return contrast_loss(student_scores, num_data) + contrast_loss(teacher_scores, num_data)
+
+
+def hcl_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
+             ) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al., CVPR 2021), summed over the levels:
+
+        L = sum over levels of [MSE(F_s, F_t) + sum_{l in 4, 2, 1; l < h} w_l MSE(P_l F_s, P_l F_t)]
+            / (1 + sum w_l),   w_l = 1/2, 1/4, 1/8 for the pooled sizes taken in turn
+
+    P_l: adaptive average pooling to l x l; h: the level's map size. Maps of equal shapes.
+    """
+    total = 0.0
+    for s, t in zip(wide(*student_features), wide(*teacher_features)):
+        loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size < s.shape[-1]:
+                weight /= 2
+                loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size),
+                                                  F.adaptive_avg_pool2d(t, size))
+                weights += weight
+        total = total + loss / weights
+    return total
+
+
+def fitnet_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     targets: torch.Tensor, features: tuple, ce_weight: float, hint_weight: float
+                     ) -> tuple[torch.Tensor, LossTerms]:
+    """What FitNet training minimises: ce_weight * CE(y, p_s) + hint_weight * fitnet_loss, on
+    the connector's (regressed student map, teacher map). Terms: 'ce', 'hint'."""
+    ce = F.cross_entropy(wide(student_logits)[0], targets)
+    hint = fitnet_loss(*features)
+    return ce_weight * ce + hint_weight * hint, {"ce": ce, "hint": hint}
+
+
+def crd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  targets: torch.Tensor, features: tuple, ce_weight: float, crd_weight: float
+                  ) -> tuple[torch.Tensor, LossTerms]:
+    """What CRD training minimises: ce_weight * CE(y, p_s) + crd_weight * crd_loss, on the
+    connector's (student scores, teacher scores, num_data). Terms: 'ce', 'crd'."""
+    ce = F.cross_entropy(wide(student_logits)[0], targets)
+    crd = crd_loss(*features)
+    return ce_weight * ce + crd_weight * crd, {"ce": ce, "crd": crd}
+
+
+def reviewkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       targets: torch.Tensor, features: tuple, ce_weight: float,
+                       review_weight: torch.Tensor | float) -> tuple[torch.Tensor, LossTerms]:
+    """What ReviewKD training minimises: ce_weight * CE(y, p_s) + review_weight * hcl_loss, on
+    the connector's (student maps, teacher maps); review_weight includes the warm-up (a tensor,
+    as DKD's). Terms: 'ce', 'review'."""
+    ce = F.cross_entropy(wide(student_logits)[0], targets)
+    review = hcl_loss(*features)
+    return ce_weight * ce + review_weight * review, {"ce": ce, "review": review}

@@ -64,10 +64,12 @@ def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> Start:
 
 @dataclass
 class Teacher:
-    """The frozen teacher of a distilled run, as fit uses it."""
+    """The frozen teacher of a distilled run, as fit uses it, and the trainable connector a
+    feature method adds (kd.features; it is trained with the student and saved apart from it)."""
 
     module: nn.Module  # on the device; gives the evaluation splits' logits, once per run
     train_logits: TeacherLogits  # a training batch's logits: the module's forward or a cache
+    connector: nn.Module | None = None  # connector(keys, labels) -> the feature loss's inputs
 
 
 def fit(args: argparse.Namespace, model: nn.Module, start: Start,
@@ -84,8 +86,10 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     train_loader, eval_loaders, class_to_coarse = load_data(args, device, world)
     model_without_ddp, model = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world,
                                         device, sync_bn=args.sync_bn)
-    opt = make_optimization(args, model, len(train_loader), device)
-    record = restore(args, start, model_without_ddp, opt, run_info)
+    connector = teacher.connector.to(device) if teacher and teacher.connector else None
+    trained = nn.ModuleList([model_without_ddp, connector]) if connector else model
+    opt = make_optimization(args, trained, len(train_loader), device)
+    record = restore(args, start, model_without_ddp, connector, opt, run_info)
     if record.epoch >= args.epochs:
         record.say(f"{args.out_dir}: the run is already complete at epoch {record.epoch}")
         return record.finish()
@@ -99,7 +103,7 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
         loss_fn = torch.compile(loss_at(args, epoch)) if args.compile else loss_at(args, epoch)
-        step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt)
+        step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt, connector)
         with resume_hint(record.saved_epoch):
             stats = train_one_epoch(step, train_loader, epoch, should_stop,
                                     show_progress=world.is_main)
@@ -108,7 +112,8 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
         logits = predict_splits(eval_model, eval_loaders, opt.autocast, world)
         metrics = eval_metrics(logits, eval_loaders, class_to_coarse, teacher_logits)
         blob = logits_record(logits, eval_loaders, epoch, teacher_logits) if world.is_main else None
-        record.end_epoch({"epoch": epoch, **stats, **metrics}, model_without_ddp, opt, blob)
+        state = training_state(model_without_ddp, connector, opt)
+        record.end_epoch({"epoch": epoch, **stats, **metrics}, state, blob)
     return record.finish()
 
 
@@ -140,8 +145,7 @@ class Record:
             write_json(self.path("config.json"), self.config)
             self.logger = CSVLogger(self.path("log.csv"), keep_epochs=self.epoch)
 
-    def end_epoch(self, row: dict, model_without_ddp: nn.Module, opt: "Optimization",
-                  logits_blob: dict | None) -> None:
+    def end_epoch(self, row: dict, state: dict, logits_blob: dict | None) -> None:
         """Log the epoch's row (training stats, then the evaluation columns test_*, val_*) and
         write its checkpoints: best.pt and logits_best.pt when it is the best yet, last.pt and
         logits_last.pt every --save_every epochs and at the end."""
@@ -159,8 +163,7 @@ class Record:
         if not self.is_main:
             return
         self.logger.log(row)
-        ckpt = {"model": model_without_ddp.state_dict(), **opt.state_dict(),
-                "config": self.config, **self.progress()}
+        ckpt = {**state, "config": self.config, **self.progress()}
         # best before last: a crash in between redoes this epoch on resume and rewrites both
         for suffix in ("best",) * is_best + ("last",) * save_last:
             save_checkpoint(self.path(f"logits_{suffix}.pt"), logits_blob)
@@ -183,16 +186,29 @@ class Record:
         return write_summary(self.path("summary.json"), self.progress(), self.select, self.config)
 
 
+def training_state(model_without_ddp: nn.Module, connector: nn.Module | None,
+                   opt: "Optimization") -> dict:
+    """What last.pt holds to continue training: the student's (or teacher's) weights as a plain
+    model ('model', what every loader of best.pt reads), the optimizer's state, and a feature
+    method's connector ('connector')."""
+    state = {"model": model_without_ddp.state_dict(), **opt.state_dict()}
+    if connector is not None:
+        state["connector"] = connector.state_dict()
+    return state
+
+
 def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module,
-            opt: "Optimization", run_info: dict) -> Record:
-    """A new run's record, or on --resume last.pt's, with its weights and optimizer state loaded
-    into model_without_ddp and opt once the settings agree (kd.rundir.resumed_config)."""
+            connector: nn.Module | None, opt: "Optimization", run_info: dict) -> Record:
+    """A new run's record, or on --resume last.pt's, with its weights, connector and optimizer
+    state loaded once the settings agree (kd.rundir.resumed_config)."""
     record = Record(args, run_config(args, start.device, run_info, start.world),
                     start.world.is_main)
     ckpt = start.checkpoint
     if ckpt is not None:
         record.config = resumed_config(ckpt["config"], record.config, ckpt["epoch"])
         model_without_ddp.load_state_dict(ckpt["model"])
+        if connector is not None:
+            connector.load_state_dict(ckpt["connector"])
         opt.load_state_dict(ckpt)
         record.epoch, record.best, record.last = ckpt["epoch"], ckpt["best"], ckpt["last"]
         record.elapsed_s, record.saved_epoch = ckpt["elapsed_s"], ckpt["epoch"]
@@ -227,12 +243,14 @@ def resume_hint(saved_epoch: int):
 class Step:
     """What a training step uses, travelling together: the model trained through (the DDP
     wrapper under torchrun, compiled with --compile), where a batch's teacher logits come from
-    (None without a teacher), the epoch's loss function and the optimization."""
+    (None without a teacher), the epoch's loss function, the optimization, and a feature
+    method's connector."""
 
     model: nn.Module
     teacher_logits: TeacherLogits | None
     loss_fn: LossFn
     opt: "Optimization"
+    connector: nn.Module | None = None
 
 
 def train_one_epoch(step: Step, loader: DeviceLoader, epoch: int,
@@ -241,6 +259,8 @@ def train_one_epoch(step: Step, loader: DeviceLoader, epoch: int,
     """One epoch; returns the last step's lr, the epoch's mean loss, top-1 (%) and named loss
     terms (train_<name>), its time and images/s. A NaN or infinite loss raises UserError."""
     step.model.train()
+    if step.connector is not None:
+        step.connector.train()
     sums = 0
     first_bad_step = torch.tensor(-1, device=loader.device)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
@@ -291,7 +311,10 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: tor
             with torch.inference_mode():
                 teacher_logits = step.teacher_logits(images, keys)
             # clone: an inference tensor cannot be saved for backward
-            loss, terms = step.loss_fn(logits, teacher_logits.clone(), labels)
+            inputs = [logits, teacher_logits.clone(), labels]
+            if step.connector is not None:  # a feature method: both forwards' taps, connected
+                inputs.append(step.connector(keys, labels))
+            loss, terms = step.loss_fn(*inputs)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     opt.scaler.step(opt.optimizer)
@@ -375,7 +398,8 @@ def load_data(args: argparse.Namespace, device: torch.device, world: World
                         f"training images")
     train_loader = DeviceLoader(train, args.batch_size, device, train=True, seed=args.seed,
                                 world=world)
-    eval_loaders = {name: DeviceLoader(split, args.eval_batch_size, device, train=False, world=world)
+    eval_loaders = {name: DeviceLoader(split, args.eval_batch_size, device, train=False,
+                                       world=world)
                     for name, split in splits.items()}
     return train_loader, eval_loaders, fine_to_coarse(train.labels, train.coarse_labels).to(device)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distill_student
+import kd.features
 import study
 from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
@@ -87,27 +88,53 @@ def test_plan_without_cache_build(tmp_path, teacher_file):
     assert cached[1].config["teacher_cache"] == str(existing)
 
 
-def test_each_method_reads_exactly_its_flags():
-    """METHOD_FLAGS (which the study grids over) against the losses: every flag a method is said
-    to read changes its loss, and no other distillation flag does."""
+class FixedTaps:
+    """Stand-in taps: fixed random features of the shapes a model's taps have."""
+
+    def __init__(self, shapes: list[tuple], seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.values = [torch.randn(16, *s, generator=g) for s in shapes]
+
+    def read(self) -> list[torch.Tensor]:
+        return self.values
+
+
+def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
+    """METHOD_FLAGS (which the study grids over) against what each method computes, its loss on
+    fixed logits and, for a feature method, on its connector's output from fixed taps: every flag
+    a method is said to read changes it, and no other distillation flag does."""
     parser = distill_student.build_parser()
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(16, 100, generator=g), torch.randn(16, 100, generator=g) * 3
-    labels = torch.arange(16)
+    labels, keys = torch.arange(16), torch.arange(16) * 162
+    student_shapes = [(4, 16, 16), (6, 8, 8), (8, 4, 4), (10, 2, 2), (10, 1, 1)]  # small: fast
+    teacher_shapes = [(8, 8, 8), (12, 4, 4), (16, 2, 2), (20, 1, 1), (20, 1, 1)]
+    monkeypatch.setattr(kd.features, "student_taps", lambda model: FixedTaps(student_shapes, 1))
+    monkeypatch.setattr(kd.features, "teacher_taps", lambda model: FixedTaps(teacher_shapes, 2))
     changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
-               "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1"}
+               "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1",
+               "hint_weight": "3", "hint_stage": "3", "crd_weight": "2", "feat_dim": "16",
+               "nce_k": "50", "nce_t": "0.5", "nce_m": "0.9", "review_weight": "2",
+               "review_warmup": "5"}
+    base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
 
     def loss(method: str, name: str | None) -> float:
         flag = [] if name is None else [f"--{name}"] + ([changed[name]] if changed[name] else [])
-        args = parser.parse_args(["--method", method, *flag])
-        return distill_student.loss_at(args, 2)(student, teacher, labels)[0].item()
+        args = parser.parse_args([*base, "--method", method, *flag])
+        inputs = [student, teacher, labels]
+        connector = distill_student.METHODS[method].connector
+        if connector:
+            torch.manual_seed(0)  # the same initial weights and negatives whatever the flags
+            connect = connector(args, None, None)
+            connect(keys, labels)  # a second step reads what the first left (CRD's memory)
+            inputs.append(connect(keys, labels))
+        return distill_student.loss_at(args, 2)(*inputs)[0].item()
 
     for method, reads in distill_student.METHOD_FLAGS.items():
+        default = loss(method, None)
         for name in changed:
-            if method == "dist" and name == "logit_std":
-                continue  # refused by distill_student.py for dist
-            differs = loss(method, name) != loss(method, None)
-            assert differs == (name in reads), (method, name)
+            assert (loss(method, name) != default) == (name in reads), (method, name)
 
 
 def test_existing_runs_are_skipped_resumed_restarted_or_refused(tmp_path, teacher_file):
