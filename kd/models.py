@@ -63,8 +63,9 @@ def imagenet_state_dict(pretrained: str, weights_path: str | None) -> dict | Non
     try:
         return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # offline, proxy, bad cache: all reported the same way
-        raise UserError(f"could not fetch torchvision's ImageNet ResNet-50 weights ({type(e).__name__}); "
-                        f"pass --weights PATH to a local resnet50 state dict, or --pretrained none")
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-50 weights "
+                        f"({type(e).__name__}); pass --weights PATH to a local resnet50 state "
+                        f"dict, or --pretrained none")
 
 
 def build_teacher(img_size: int = 224, pretrained: str = "none", weights_path: str | None = None
@@ -76,7 +77,8 @@ def build_teacher(img_size: int = 224, pretrained: str = "none", weights_path: s
         try:
             net.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise UserError(f"the ImageNet weights do not fit torchvision's resnet50: {str(e)[:200]}")
+            raise UserError(f"the ImageNet weights do not fit torchvision's resnet50: "
+                            f"{str(e)[:200]}")
     net.fc = Float32Linear(net.fc.in_features, NUM_CLASSES)
     return Upsampled(net, img_size)
 
@@ -145,6 +147,7 @@ def load_model(path: str, arch: str | None = None) -> tuple[nn.Module, dict]:
 
 
 def load_teacher(path: str) -> Upsampled:
-    """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained at."""
+    """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained
+    at."""
     teacher, _ = load_model(path, TEACHER_ARCH)
     return teacher.eval().requires_grad_(False)
