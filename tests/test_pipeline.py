@@ -3,12 +3,15 @@ import csv
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import REPO, TINY_RUN, assert_one_line_error, run_in_process
 from kd.checkpoint import file_sha256
+from kd.evaluate import evaluate_checkpoint
+from kd.models import build_student
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.synthetic import write_fake_cifar100
 
@@ -167,6 +170,12 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--batch_size", "100000"], "larger than the 300 training images"),
     (["--teacher_ckpt", "missing.pt"], "does not exist"),
     (["--resume"], "no last.pt"),
+    (["--method", "crd", "--teacher_cache", "cache.pt"], "reads the teacher's features"),
+    (["--method", "crd", "--nce_k", "298"], "--nce_k 298: more negatives than the 297"),
+    (["--method", "fitnet", "--hint_stage", "5"], "--hint_stage: invalid choice: 5"),
+    (["--method", "fitnet", "--logit_std"], "--logit_std is read by --method kd, dkd, not by "
+                                            "fitnet"),
+    (["--method", "dist", "--alpha", "0.3"], "--alpha is read by --method kd, not by dist"),
 ])
 def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, in_process):
     """In-process (the subprocess tests above cover the real entry point), to keep the suite
@@ -175,6 +184,7 @@ def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, in
     result = in_process("distill_student.py", ["--out_dir", str(tmp_path / "new"), "--data_dir",
                                                fake_data, *COMMON, *teacher, *args])
     assert_one_line_error(result, phrase)
+    assert not (tmp_path / "new").exists()  # nothing written
 
 
 def test_student_checkpoint_is_refused_as_teacher(runs, fake_data, tmp_path):
@@ -278,3 +288,26 @@ def test_every_method_runs_from_the_cache(cached_and_online, method, flags, term
     assert header[2:4 + len(terms)] == ["train_loss", "train_top1", *terms]
     config = json.load(open(folder / "config.json"))
     assert config["method"] == method and config["teacher_logits"] == "cache"
+
+
+@pytest.mark.parametrize("method,term", [("fitnet", "hint"), ("crd", "crd"),
+                                         ("reviewkd", "review")])
+def test_feature_methods_train_a_plain_student(runs, fake_data, tmp_path, method, term,
+                                               in_process):
+    """One epoch of each feature method: its term logged, its connector in last.pt only beside
+    the student, which best.pt holds as a plain MobileNetV3-Small that kd.evaluate reads."""
+    folder = tmp_path / method
+    result = in_process("distill_student.py", [
+        "--out_dir", folder, "--teacher_ckpt", runs / "teacher" / "best.pt", "--method", method,
+        "--nce_k" if method == "crd" else "--ce_weight", "64" if method == "crd" else "1",
+        "--data_dir", fake_data, *COMMON, "--epochs", "1", "--val_size", "200"])  # one step
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(folder / "log.csv")))
+    assert float(rows[0][f"train_{term}"]) > 0 and float(rows[0]["train_ce"]) > 0
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert last["connector"] and set(last["model"]) == set(build_student().state_dict())
+    state = {"data_dir": fake_data, "download": False, "amp": True, "amp_dtype": "bf16",
+             "batch_size": 100}
+    metrics = evaluate_checkpoint(str(folder / "best.pt"), SimpleNamespace(**state),
+                                  torch.device("cpu"))
+    assert metrics["test_top1"] == pytest.approx(float(rows[0]["test_top1"]), abs=1e-3)

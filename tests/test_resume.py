@@ -97,6 +97,29 @@ def test_sigkill_at_any_point_then_resume_is_exact(reference, fake_data, tmp_pat
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # a killed write's leftovers
 
 
+def crd_cmd(out_dir, data, teacher, *extra):
+    """A CRD run: the connector with the most state (embeddings, memory bank, Z, negatives)."""
+    return [sys.executable, str(REPO / "distill_student.py"), "--out_dir", str(out_dir),
+            "--teacher_ckpt", str(teacher), "--method", "crd", "--nce_k", "64", "--data_dir", data,
+            "--no-download", "--epochs", "3", "--batch_size", "50", "--eval_batch_size", "50",
+            *extra]
+
+
+@pytest.mark.slow
+def test_feature_method_resumes_exactly_after_sigkill(runs_root, fake_data, tmp_path):
+    teacher = runs_root / "teacher" / "best.pt"
+    reference_run, folder = tmp_path / "reference", tmp_path / "run"
+    run_to_end(crd_cmd(reference_run, fake_data, teacher))
+    returncode, _ = start_and_signal(crd_cmd(folder, fake_data, teacher), signal.SIGKILL, 0.2)
+    assert returncode == -signal.SIGKILL and load_checkpoint(str(folder / "last.pt"))["epoch"] < 3
+    run_to_end(crd_cmd(folder, fake_data, teacher, "--resume"))
+    assert_same_run(folder, reference_run)
+    ours, theirs = (torch.load(f / "last.pt", weights_only=True)["connector"]
+                    for f in (folder, reference_run))
+    assert ours.keys() == theirs.keys() and {"memory_s", "memory_t", "z"} <= ours.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.slow
 def test_save_every_sets_the_resume_point(reference, fake_data, tmp_path):
     folder = tmp_path / "run"
