@@ -19,8 +19,9 @@ each method's grid point by its mean validation top-1 at the last epoch, and onl
 that point's test top-1 against the baseline's, with a confidence interval paired by seed.
 
 The same command again skips finished runs, resumes stopped ones, and refuses a run folder made
-with other settings, naming it and them. The distilled runs read the teacher's logits from
---teacher_cache, which is built once, before the first of them, when the file is missing.
+with other settings, naming it and them. The runs of logit methods (kd, dkd, dist) read the
+teacher's logits from --teacher_cache, which is built once, before the first of them, when the
+file is missing; those of feature methods (fitnet, crd, reviewkd) run the teacher online.
 Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (--jobs sets how
 many); each run's output goes to study_output.log in its folder. A failed run is reported at the
 end, with its command and last output lines, and the others go on (none starts after a failure
@@ -73,6 +74,11 @@ class Job:
     @property
     def distills(self) -> bool:
         return self.script == "distill_student.py"
+
+    @property
+    def reads_cache(self) -> bool:
+        """A distilled run of a logit method that reads the teacher cache."""
+        return bool(self.config.get("teacher_cache"))
 
     def command(self, *, shown: bool = True) -> list[str]:
         """The command line; shown: as printed, with python's name and the script's path
@@ -170,7 +176,7 @@ def route(groups: list[tuple[str, list[str]]]) -> tuple[list[str], list[str], di
 def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[Job]:
     """Every run of the study, seed by seed (the baseline, then each method's grid), with the
     settings its script's parser makes of its command; the cache build first when the cache
-    file is missing."""
+    file is missing and a logit method reads it (a feature method's teacher runs online)."""
     shared, distilled, axes, methods = route(groups)
     cache_path = args.teacher_cache or os.path.join(args.out_dir, "teacher_cache.pt")
     online = cache_path == "none"
@@ -185,7 +191,9 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
                 name = "-".join([method, *(n + "".join(v) for n, v in zip(own, point))])
                 folder = os.path.join(args.out_dir, name, f"seed{seed}")
                 settings = [token for n, v in zip(own, point) for token in (f"--{n}", *v)]
-                teacher = [] if online else ["--teacher_cache", cache_path]
+                known = distill_student.METHODS.get(method)  # unknown: the parser says so below
+                feature = known is not None and known.connector is not None
+                teacher = [] if online or feature else ["--teacher_cache", cache_path]
                 argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings,
                         *teacher]
                 jobs.append(Job(f"{name}/seed{seed}", "distill_student.py", argv, folder))
@@ -208,12 +216,12 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
                                 f"it)")
             teacher_sha256 = teacher_sha256 or file_sha256(teacher)
             job.config.update(teacher_sha256=teacher_sha256,
-                              teacher_logits="online" if online else "cache")
-    if not online and not os.path.exists(cache_path):
+                              teacher_logits="cache" if job.reads_cache else "online")
+    if any(job.reads_cache for job in jobs) and not os.path.exists(cache_path):
         takes = option_strings(cache.build_parser())
         flags = [token for flag, values in groups if flag in takes and flag != "--teacher_ckpt"
                  for token in (flag, *values)]
-        teacher = next(job for job in jobs if job.distills).config["teacher_ckpt"]
+        teacher = next(job for job in jobs if job.reads_cache).config["teacher_ckpt"]
         jobs.insert(0, Job("teacher cache", "kd.cache",
                            ["--teacher_ckpt", teacher, "--out", cache_path, *flags], args.out_dir))
     return jobs
@@ -285,10 +293,10 @@ def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
 
 
 def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
-    """Run the jobs in order, at most one per slot at a time, the distilled runs after the cache
-    build; returns each failed job with why. On a stop signal (Ctrl-C, SIGTERM, a closed
-    terminal), or any error here, the running ones are asked to stop (a run keeps its last.pt)
-    before this returns or raises; a second stop signal kills them and quits at once."""
+    """Run the jobs in order, at most one per slot at a time, the runs that read the teacher
+    cache after its build; returns each failed job with why. On a stop signal (Ctrl-C, SIGTERM,
+    a closed terminal), or any error here, the running ones are asked to stop (a run keeps its
+    last.pt) before this returns or raises; a second stop signal kills them and quits at once."""
     pending, running, failed, finished = list(jobs), {}, [], 0
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
@@ -308,7 +316,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                 break
             building = any(j.builds_cache for j in pending + [r[0] for r in running.values()])
             for slot in [s for s in range(len(slots)) if s not in running]:
-                job = next((j for j in pending if not (j.distills and building)), None)
+                job = next((j for j in pending if not (j.reads_cache and building)), None)
                 if job is None or stop_requested():
                     break
                 pending.remove(job)
@@ -333,8 +341,8 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                     pending = []
                 elif job.builds_cache:
                     failed += [(j, "not run: the teacher cache build failed")
-                               for j in pending if j.distills]
-                    pending = [j for j in pending if not j.distills]
+                               for j in pending if j.reads_cache]
+                    pending = [j for j in pending if not j.reads_cache]
     finally:
         for job, process, log, _ in running.values():  # started in their own sessions: no
             process.send_signal(signal.SIGTERM)        # Ctrl-C reached them
@@ -460,8 +468,8 @@ def still_to_do(jobs: list[Job]) -> list[Job]:
         more = f" ({len(refused) - 1} more run folders too)" if len(refused) > 1 else ""
         raise UserError(refused[0] + more)
     refuse_runs_named_otherwise(jobs)
-    distilled = any(job.distills for job in todo)
-    return [job for job in todo if distilled or not job.builds_cache]
+    cached = any(job.reads_cache for job in todo)
+    return [job for job in todo if cached or not job.builds_cache]
 
 
 def main() -> None:

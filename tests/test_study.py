@@ -485,3 +485,16 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     changed = run_in_process("study.py", [*argv, "--lr", "0.05"], monkeypatch, capsys)
     assert_one_line_error(changed, f"{out}/ce/seed0 holds a run with other settings "
                                    f"(--lr 0.2 -> 0.05)")
+
+
+def test_feature_methods_run_the_teacher_online(tmp_path, teacher_file):
+    jobs = planned(["--out_dir", str(tmp_path), "--teacher_ckpt", teacher_file, "--seeds", "0",
+                    "--method", "kd", "fitnet", "--hint_weight", "10", "100"])
+    by_name = {job.name: job for job in jobs}
+    assert jobs[0].builds_cache  # for kd
+    fitnet = by_name["fitnet-hint_weight10/seed0"]
+    assert "--teacher_cache" not in fitnet.argv and fitnet.config["teacher_logits"] == "online"
+    assert by_name["kd/seed0"].config["teacher_logits"] == "cache"
+    only_features = planned(["--out_dir", str(tmp_path / "f"), "--teacher_ckpt", teacher_file,
+                             "--seeds", "0", "--method", "crd"])
+    assert [job.name for job in only_features] == ["ce/seed0", "crd/seed0"]  # no cache build
