@@ -40,6 +40,7 @@ from torchvision import transforms
 from kd.checkpoint import write_json
 from kd.cache import TeacherCache, build as build_cache, precision_name
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split
+from kd import features
 from kd.distributed import World, resolve_device
 from kd.errors import UserError, run_script
 from kd.flags import Parser, add_device_flag, positive_int
@@ -66,6 +67,7 @@ class Config:
     kd: bool = False  # the student learns from a frozen teacher that runs every step
     cached: bool = False  # KD: the teacher's logits come from a kd.cache.TeacherCache lookup
     train: bool = True  # False: evaluation passes
+    method: str = "kd"  # distill_student.py's --method, with its defaults (and connector)
 
 
 CONFIGS = {c.name: c for c in [
@@ -77,11 +79,15 @@ CONFIGS = {c.name: c for c in [
     Config("kd_t128", student=True, img_size=128, kd=True),
     Config("kd_t32", student=True, img_size=32, kd=True),
     Config("kd_cached", student=True, kd=True, cached=True),
+    Config("fitnet_t32", student=True, img_size=32, kd=True, method="fitnet"),
+    Config("crd_t32", student=True, img_size=32, kd=True, method="crd"),
+    Config("reviewkd_t32", student=True, img_size=32, kd=True, method="reviewkd"),
     Config("eval_student", student=True, train=False),
     Config("eval_teacher_224", student=False, img_size=224, train=False),
 ]}
 CUDA_CONFIGS = [name for name in CONFIGS if name != "kd_t32"]
-SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", "eval_student"]
+SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", "fitnet_t32", "crd_t32",
+                 "reviewkd_t32", "eval_student"]
 
 
 @dataclass(frozen=True)
@@ -268,9 +274,11 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     model, teacher = build(config, variant, device)
     model.train()
     train_args = DISTILL["build_parser"]().parse_args(  # the script's SGD and KD settings
-        ["--warmup_epochs", "0", "--batch_size", str(args.batch_size)])
+        ["--warmup_epochs", "0", "--batch_size", str(args.batch_size), "--method", config.method])
     train_args.amp, train_args.amp_dtype = variant.dtype != "fp32", variant.dtype
-    opt = make_optimization(train_args, model, 10**6, device)
+    connector = feature_connector(config, train_args, model, teacher, loader.split)
+    trained = nn.ModuleList([model, connector]) if connector else model
+    opt = make_optimization(train_args, trained, 10**6, device)
     loss_fn = DISTILL["loss_at"](train_args, 1) if config.kd else ce_loss
     if variant.compile:  # as kd.train.fit compiles
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)
@@ -281,7 +289,7 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
         teacher_logits = TeacherCache({}, table, device)
     elif teacher is not None:
         teacher_logits = lambda images, keys: teacher(images)
-    step = Step(model, teacher_logits, loss_fn, opt)
+    step = Step(model, teacher_logits, loss_fn, opt, connector)
 
     def stepper(batches: Iterator) -> Callable[[], None]:
         return lambda: train_step(step, *next(batches))
@@ -295,11 +303,31 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     row = {"config": config.name, **asdict(variant), "img_per_s": args.batch_size / timing.seconds}
     if variant.compile:
         row["compile_s"] = timing.first_s - timing.seconds
+    if connector is not None:
+        row["connector_params"] = sum(p.numel() for p in connector.parameters())
+        row["nce_k"] = getattr(connector, "nce_k", None)
     if config.student:
         fed = measure(stepper(loader_batches(loader, variant.memory_format)), **blocks)
         row["loader_img_per_s"] = args.batch_size / fed.seconds
         row["input_cost_pct"] = 100 * (fed.seconds / timing.seconds - 1)
     return row
+
+
+def feature_connector(config: Config, train_args: argparse.Namespace, model: nn.Module,
+                      teacher: nn.Module | None, split: Split) -> nn.Module | None:
+    """A feature method's connector as distill_student.py builds it, on the model's device; CRD's
+    memory for the generated images, with as many negatives as they allow up to --nce_k."""
+    method = DISTILL["METHODS"][config.method]
+    if method.connector is None:
+        return None
+    device = next(model.parameters()).device
+    if config.method != "crd":
+        return method.connector(train_args, model, teacher).to(device)
+    labels = split.labels.cpu()
+    nce_k = min(train_args.nce_k, len(labels) - int(torch.bincount(labels).max()))
+    taps = features.student_taps(model), features.teacher_taps(teacher)
+    return features.ContrastMemory(*taps, labels, train_args.feat_dim,
+                                   (nce_k, train_args.nce_t, train_args.nce_m)).to(device)
 
 
 def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,
@@ -400,19 +428,25 @@ def main(argv: list[str] | None = None) -> None:
             report["train" if config.train else "eval"].append(row)
             print(format_row(row), flush=True)
             save()
-    print_cache_ratios(report)
+    print_ratios(report)
     save()
 
 
-def print_cache_ratios(report: dict) -> None:
-    """KD with the cache against the CE step, per variant (targets: 0.87x on CPU, 0.9x on CUDA)."""
+def print_ratios(report: dict) -> None:
+    """KD with the cache and each feature method against the CE step (the cache's targets:
+    0.87x on CPU, 0.9x on CUDA), and the feature methods against online KD with the same
+    teacher, per variant."""
     rows = {(r["config"], r["dtype"], r["channels_last"], r["compile"]): r for r in report["train"]}
     for (name, *variant), row in rows.items():
-        ce = rows.get(("student_ce", *variant))
-        if name == "kd_cached" and ce:
-            row["vs_student_ce"] = row["img_per_s"] / ce["img_per_s"]
-            print(f"kd_cached / student_ce ({'/'.join(map(str, variant))}): "
-                  f"{row['vs_student_ce']:.2f}x the CE step's img/s", flush=True)
+        for base in ("student_ce", "kd_t32"):
+            other = rows.get((base, *variant))
+            feature = CONFIGS[name].method != "kd"
+            if other and (feature or (name, base) == ("kd_cached", "student_ce")):
+                row[f"vs_{base}"] = row["img_per_s"] / other["img_per_s"]
+                extra = f", connector {row['connector_params'] / 1e6:.2f} M parameters" \
+                    if feature else ""
+                print(f"{name} / {base} ({'/'.join(map(str, variant))}): "
+                      f"{row[f'vs_{base}']:.2f}x its img/s{extra}", flush=True)
 
 
 def bench_cache_build(split: Split, args: argparse.Namespace, device: torch.device) -> dict:

@@ -32,10 +32,14 @@ def test_quick_cpu_run_reports_every_stage(tmp_path):
     assert data["ratio"] > 0
 
     train = {row["config"]: row for row in report["train"]}
-    assert set(train) == {"teacher_32", "student_ce", "kd_t32", "kd_cached"}
+    assert set(train) == {"teacher_32", "student_ce", "kd_t32", "kd_cached", "fitnet_t32",
+                          "crd_t32", "reviewkd_t32"}
     assert train["kd_cached"]["vs_student_ce"] > 0 and report["cache_build"]["views_per_s"] > 0
+    for name in ("fitnet_t32", "crd_t32", "reviewkd_t32"):  # the feature methods' cost
+        assert train[name]["vs_student_ce"] > 0 and train[name]["vs_kd_t32"] > 0
+        assert train[name]["connector_params"] > 0
     assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
-    for name in ("student_ce", "kd_t32", "kd_cached"):
+    for name in ("student_ce", "kd_t32", "kd_cached", "crd_t32"):
         assert train[name]["loader_img_per_s"] > 0 and "input_cost_pct" in train[name]
     assert [row["config"] for row in report["eval"]] == ["eval_student"]
     assert report["eval"][0]["img_per_s"] > 0
