@@ -87,7 +87,10 @@ def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world
 # before them had in effect
 LATER_DEFAULTS = {"method": "kd", "logit_std": False, "ce_weight": 1.0, "dkd_alpha": 1.0,
                   "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 2.0, "dist_gamma": 2.0,
-                  "teacher_logits": "online", "teacher_cache_sha256": None}
+                  "teacher_logits": "online", "teacher_cache_sha256": None,
+                  "hint_weight": 100.0, "hint_stage": 2, "crd_weight": 0.8, "feat_dim": 128,
+                  "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "review_weight": 1.0,
+                  "review_warmup": 20}
 
 
 def is_distilled(config: dict, log_columns=()) -> bool:

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 
+import distill_student
 import study
 from helpers import write_run
 from kd.distributed import World
@@ -82,3 +83,13 @@ def test_a_folder_of_another_script_is_named_so(folders):
         resumed_config(configs["online0"], saved_config(jobs["ce0"]), 1)
     assert study.differences(configs["ce0"], jobs["online0"]) == [
         "made by train_student.py, not distill_student.py"]
+
+
+def test_later_defaults_are_the_scripts_defaults():
+    """A distilled run from before a flag existed had the flag's default in effect: the two
+    must not drift apart."""
+    defaults = vars(distill_student.build_parser().parse_args([]))
+    run_info = {"teacher_logits": "online", "teacher_cache_sha256": None}  # what main() records
+    assert all(defaults.get(k, run_info.get(k)) == v for k, v in LATER_DEFAULTS.items())
+    method_flags = {f for flags in distill_student.METHOD_FLAGS.values() for f in flags}
+    assert method_flags <= set(LATER_DEFAULTS) | {"T", "alpha"}  # every flag added since

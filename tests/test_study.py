@@ -444,24 +444,25 @@ def test_a_gain_over_fewer_seeds_than_the_columns_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, capsys):
-    """Two seeds x (CE + two kd points), one epoch each on generated data: a command printed by
-    --dry_run runs as printed, `python study.py` runs the rest, and the report has the study
-    section; then the same command resumes a stopped run, and a changed flag is refused."""
+    """Two seeds x (CE + two kd points + fitnet), one epoch each on generated data: a command
+    printed by --dry_run runs as printed, `python study.py` runs the rest, and the report has the
+    study section; then the same command resumes a stopped run, and a changed flag is refused."""
     out = tmp_path / "study"
     argv = ["--out_dir", str(out), "--seeds", "0", "1", "--teacher_ckpt",
-            str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--T", "2", "4",
-            "--val_size", "100", "--jobs", "2", "--data_dir", fake_data, *COMMON]
+            str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--method", "kd",
+            "fitnet", "--T", "2", "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data,
+            *COMMON]
     commands = run_in_process("study.py", [*argv, "--dry_run"], monkeypatch,
                               capsys).stdout.splitlines()
-    assert len(commands) == 6 and "/ce/seed1 " in commands[3]
-    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=REPO)
+    assert len(commands) == 8 and "/ce/seed1 " in commands[4]
+    subprocess.run(commands[4], shell=True, check=True, capture_output=True, cwd=REPO)
 
     first = subprocess.run([sys.executable, str(REPO / "study.py"), *argv], capture_output=True,
                            text=True, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "5 of 6 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
-    assert first.stdout.count("done  ") == 5 and "test_top1" not in first.stdout
-    for name in ["ce", "kd-T2", "kd-T4"]:
+    assert "7 of 8 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
+    assert first.stdout.count("done  ") == 7 and "test_top1" not in first.stdout
+    for name in ["ce", "kd-T2", "kd-T4", "fitnet"]:
         for seed in (0, 1):
             config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
             assert (config["seed"], config["val_size"], config["epochs"]) == (seed, 100, 1)
@@ -472,12 +473,13 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     section = report(out, "--out", tmp_path / "report", "--no-cost").split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
     assert "| T=2 | 2 |" in section or "| T=2 (selected) | 2 |" in section
+    assert "fitnet" in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
         assert (tmp_path / "report" / name).exists()
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
     again = run_in_process("study.py", argv, monkeypatch, capsys)
-    assert again.returncode == 0 and "1 of 6 runs to do (1 to resume)" in again.stdout
+    assert again.returncode == 0 and "1 of 8 runs to do (1 to resume)" in again.stdout
     output = (out / "kd-T4" / "seed1" / study.OUTPUT_FILE).read_text()
     assert [line for line in output.splitlines() if line.startswith("$ ")][-1].endswith(" --resume")
     assert (out / "kd-T4" / "seed1" / "summary.json").exists()
