@@ -37,6 +37,8 @@ def existing_run_files(out_dir: str) -> list[str]:
 def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
     """Refuse to start where a run exists unless --resume or --overwrite says what to do with it,
     and refuse an --overwrite that would delete one of the input files `keep`."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir} is a file, not a folder; pick another --out_dir")
     existing = existing_run_files(args.out_dir)
     if args.resume and "last.pt" not in existing:
         hint = "--overwrite instead of --resume to start it again" if existing else "no --resume"
@@ -55,7 +57,10 @@ def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
 def reset_out_dir(args: argparse.Namespace) -> None:
     """Create the folder; with --overwrite delete the old run's files; on resume drop the temp
     files a write killed half-way left behind."""
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:  # a file on the path, no permission, a read-only disk
+        raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror}") from None
     if args.overwrite:
         for name in existing_run_files(args.out_dir):
             os.remove(os.path.join(args.out_dir, name))

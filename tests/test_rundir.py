@@ -7,7 +7,7 @@ import pytest
 
 import distill_student
 import study
-from helpers import write_run
+from helpers import assert_one_line_error, write_run
 from kd.distributed import World
 from kd.errors import UserError
 from kd.models import STUDENT_ARCH
@@ -93,3 +93,13 @@ def test_later_defaults_are_the_scripts_defaults():
     assert all(defaults.get(k, run_info.get(k)) == v for k, v in LATER_DEFAULTS.items())
     method_flags = {f for flags in distill_student.METHOD_FLAGS.values() for f in flags}
     assert method_flags <= set(LATER_DEFAULTS) | {"T", "alpha"}  # every flag added since
+
+
+@pytest.mark.parametrize("out", ["notes.txt", "notes.txt/run"])
+def test_an_out_dir_through_a_file_is_one_line(out, tmp_path, fake_data, in_process):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = in_process("train_student.py", ["--out_dir", tmp_path / out, "--data_dir", fake_data,
+                                             "--no-download", "--epochs", "1", "--batch_size",
+                                             "100", "--device", "cpu"])
+    assert_one_line_error(result, f"--out_dir {tmp_path / out}")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
