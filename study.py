@@ -38,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ from kd.rundir import STUDY_FILE, changed_settings, existing_run_files
 REPO = Path(__file__).resolve().parent
 OUTPUT_FILE = "study_output.log"  # a run's stdout and stderr, in its folder
 LOCK_FILE = ".study.lock"  # locked while a study.py runs in the folder; holds its process id
+PROGRESS_EVERY_S = 60  # how often the console names the epoch of each run in flight
 
 
 @dataclass
@@ -97,8 +99,28 @@ def shown_path(path: Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
+def run_flags_epilog() -> str:
+    """Which flags go to which runs, read from the scripts' parsers."""
+    student = option_strings(train_student.build_parser())
+    every = sorted(student - {"-h", "--help", "--out_dir", "--seed", "--val_size", "--resume",
+                              "--overwrite"})
+    method_flags = {f"--{name}" for names in distill_student.METHOD_FLAGS.values()
+                    for name in names}
+    distilled = sorted(option_strings(distill_student.build_parser()) - student - method_flags
+                       - {"--teacher_cache"})
+    fill = lambda text: textwrap.fill(text, 100, subsequent_indent="    ")
+    lines = ["The runs' flags (see train_student.py --help and distill_student.py --help):",
+             fill("every run, one value: " + " ".join(every)),
+             fill("every distilled run: " + " ".join(distilled) + " (--method: one or more)"),
+             "each --method's settings, grid axes of one value or more:"]
+    lines += [fill(f"  {method}: " + " ".join(f"--{name}" for name in names))
+              for method, names in distill_student.METHOD_FLAGS.items()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
+               epilog=run_flags_epilog())
     p.add_argument("--out_dir", default="runs/study", help="the study folder: one run folder per "
                    "grid point and seed, study.json, the teacher cache")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -108,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same for one seed): the grid point is picked on them, never on the "
                         "test set")
     p.add_argument("--teacher_cache", default=None,
-                   help="the teacher cache the distilled runs read (built first when missing); "
+                   help="the teacher cache the runs of logit methods read (built first when "
+                        "missing); "
                         "default: OUT_DIR/teacher_cache.pt; none: the teacher runs online")
     p.add_argument("--jobs", type=number(int, 1), default=None,
                    help="runs at a time (more than the GPUs share them in turn); default: one "
@@ -298,6 +321,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     a closed terminal), or any error here, the running ones are asked to stop (a run keeps its
     last.pt) before this returns or raises; a second stop signal kills them and quits at once."""
     pending, running, failed, finished = list(jobs), {}, [], 0
+    progress_shown = time.perf_counter()
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
         share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
@@ -322,6 +346,9 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                 pending.remove(job)
                 running[slot] = start(job, slots[slot], env)
             time.sleep(0.2)
+            if running and time.perf_counter() - progress_shown > PROGRESS_EVERY_S:
+                print("running: " + ", ".join(progress(r[0]) for r in running.values()), flush=True)
+                progress_shown = time.perf_counter()
             for slot, (job, process, log, began) in list(running.items()):
                 if process.poll() is None:
                     continue
@@ -355,6 +382,18 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
         raise StopRequested("the runs that were going keep their last.pt; the same command "
                             "resumes the study")
     return failed
+
+
+def progress(job: Job) -> str:
+    """'name epoch k/n' from the rows of the run's log.csv so far ('name' for the cache build)."""
+    if job.builds_cache:
+        return job.name
+    try:
+        with open(os.path.join(job.out_dir, "log.csv")) as f:
+            done = max(0, sum(1 for _ in f) - 1)
+    except OSError:
+        done = 0
+    return f"{job.name} epoch {done}/{job.config.get('epochs', '?')}"
 
 
 def start(job: Job, gpu: str | None, env: dict) -> tuple:

@@ -18,7 +18,11 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's default in its help; the script's description as written."""
+    """Every flag's default in its help, but None, which the help itself describes ("default:
+    one per GPU"); the script's description and epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def number(kind: type, low: float, high: float = float("inf"), *, low_open: bool = False,

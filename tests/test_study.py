@@ -500,3 +500,22 @@ def test_feature_methods_run_the_teacher_online(tmp_path, teacher_file):
     only_features = planned(["--out_dir", str(tmp_path / "f"), "--teacher_ckpt", teacher_file,
                              "--seeds", "0", "--method", "crd"])
     assert [job.name for job in only_features] == ["ce/seed0", "crd/seed0"]  # no cache build
+
+
+def test_help_names_where_the_run_flags_go(capsys):
+    with pytest.raises(SystemExit):
+        study.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "every run, one value: --amp" in text and "--epochs" in text
+    assert "every distilled run: --method --teacher_ckpt" in text
+    assert "  fitnet: --ce_weight --hint_weight --hint_stage" in text
+    assert "(default: None)" not in text
+
+
+def test_progress_names_the_epoch_of_a_run_in_flight(tmp_path, teacher_file):
+    job = planned(["--out_dir", str(tmp_path), "--teacher_ckpt", teacher_file, "--seeds", "0",
+                   "--teacher_cache", "none", "--epochs", "7"])[1]
+    assert study.progress(job) == "kd/seed0 epoch 0/7"
+    Path(job.out_dir).mkdir(parents=True)
+    (Path(job.out_dir) / "log.csv").write_text("epoch,lr\n1,0.1\n2,0.1\n")
+    assert study.progress(job) == "kd/seed0 epoch 2/7"
