@@ -3,8 +3,26 @@
 Beyond top-1/top-5 they measure what KD is claimed to improve: calibration (NLL, ECE), how
 sensible the mistakes are (superclass accuracy), and, for a student, agreement with its teacher.
 """
+import math
+
 import torch
 import torch.nn.functional as F
+
+BLOWN_UP_FACTOR = 10  # times the NLL of a uniform prediction, ln(classes)
+
+
+def blown_up(nll: float, num_classes: int = 100) -> bool:
+    """Whether an evaluation's predictions have blown up: a non-finite NLL, or one over 10x a
+    uniform prediction's (ln 100 = 4.6 nats). A model that learns stays far below; a diverged
+    one does not (test NLLs of 1e13 were seen at too large a learning rate)."""
+    return not math.isfinite(nll) or nll > BLOWN_UP_FACTOR * math.log(num_classes)
+
+
+def at_chance(top1_percent: float, num_images: int, num_classes: int = 100) -> bool:
+    """Whether a top-1 accuracy is within 3 standard errors of guessing (1 / num_classes) on
+    num_images images."""
+    p = 1 / num_classes
+    return top1_percent <= 100 * (p + 3 * math.sqrt(p * (1 - p) / num_images))
 
 
 def fine_to_coarse(labels: torch.Tensor, coarse_labels: torch.Tensor, num_classes: int = 100

@@ -23,9 +23,9 @@ from kd.data import DeviceLoader, derive_seed, hold_out, load_split
 from kd.distributed import (World, agreed_stop, average_across_ranks, broadcast_buffers,
                             check_in_sync, gather_rows, init_world, local_main_first,
                             max_across_ranks, wrap_ddp)
-from kd.errors import StopRequested, UserError, stop_requested
+from kd.errors import StopRequested, UserError, say, stop_requested
 from kd.logger import CSVLogger
-from kd.metrics import fine_to_coarse, split_metrics
+from kd.metrics import BLOWN_UP_FACTOR, blown_up, fine_to_coarse, split_metrics
 from kd.models import NUM_CLASSES
 from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, stopped_message
 
@@ -126,6 +126,7 @@ class Record:
         self.args, self.config, self.is_main = args, config, is_main
         self.select = "val_top1" if args.val_size else "test_top1"  # what picks best.pt
         self.epoch, self.best, self.last, self.elapsed_s = 0, {self.select: -1.0}, {}, 0.0
+        self.blown_up: list[int] = []  # epochs whose test predictions blew up (kd.metrics)
         self.saved_epoch = 0  # the epoch last.pt holds
         self.logger, self.clock = None, time.perf_counter()
 
@@ -160,6 +161,11 @@ class Record:
             self.best = self.last
         save_last = self.epoch % self.args.save_every == 0 or self.epoch == self.args.epochs
         self.saved_epoch = self.epoch if save_last else self.saved_epoch
+        if blown_up(row["test_loss"]):
+            self.blown_up.append(self.epoch)
+            say(f"warning: epoch {self.epoch}: the test NLL is {row['test_loss']:.3g}, over "
+                f"{BLOWN_UP_FACTOR}x a uniform prediction's: the run has blown up (a lower --lr "
+                f"or a longer --warmup_epochs may help)")
         if not self.is_main:
             return
         self.logger.log(row)
@@ -175,7 +181,7 @@ class Record:
 
     def progress(self) -> dict:
         return {"epoch": self.epoch, "best": self.best, "last": self.last,
-                "elapsed_s": self.elapsed_s}
+                "elapsed_s": self.elapsed_s, "blown_up": self.blown_up}
 
     def finish(self) -> dict:
         """summary.json (rank 0) with the last checkpoint writes timed; the summary, or on other
@@ -212,6 +218,7 @@ def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module
         opt.load_state_dict(ckpt)
         record.epoch, record.best, record.last = ckpt["epoch"], ckpt["best"], ckpt["last"]
         record.elapsed_s, record.saved_epoch = ckpt["elapsed_s"], ckpt["epoch"]
+        record.blown_up = ckpt.get("blown_up", [])  # absent from runs saved before it
     return record
 
 
@@ -456,7 +463,10 @@ def logits_record(logits: dict, loaders: dict, epoch: int, teacher_logits: dict)
 def write_summary(path: str, state: dict, select: str, config: dict) -> dict:
     best, last = state["best"], state["last"]
     teacher = {k: config[k] for k in ("teacher_logits", "teacher_cache_sha256") if k in config}
-    summary = {"selected_by": select, **teacher, "best_epoch": best["epoch"],
+    blown = state.get("blown_up", [])
+    status = "blown up" if state["epoch"] in blown else "done"
+    summary = {"status": status, "blown_up_epochs": blown, "selected_by": select, **teacher,
+               "best_epoch": best["epoch"],
                "best_test_top1": best["test_top1"], "best_test_top5": best["test_top5"],
                "last_test_top1": last["test_top1"], "last_test_top5": last["test_top5"],
                "epochs": state["epoch"], "total_time_s": state["elapsed_s"],

@@ -1,6 +1,7 @@
 """The results table: one markdown row per run or seed group, at the best and the last epoch."""
 import math
 
+from kd.metrics import at_chance, blown_up
 from kd.models import model_name
 from plots.groups import Group, group_records, selected_by
 from plots.rundata import Run
@@ -56,12 +57,33 @@ def results_row(group: Group, costs: dict | None) -> list[str]:
     if costs is not None:
         cost = costs.get(model_name(first.config))  # None: the config does not name the model
         row += [f"{cost['params'] / 1e6:.2f}", f"{cost['macs'] / 1e6:.1f}"] if cost else ["–"] * 2
-    row.append("done" if first.summary is not None else "unfinished")
+    row.append(joined([status(run) for run in runs]))
     return row
+
+
+def status(run: Run) -> str:
+    """'done' or 'unfinished'; 'blown up' when the last epoch's test predictions are
+    (kd.metrics.blown_up, from log.csv), and the epoch a blow-up the run recovered from began."""
+    state = "done" if run.summary is not None else "unfinished"
+    blown = [int(e) for e, nll in zip(run.log["epoch"], run.log["test_loss"]) if blown_up(nll)]
+    if blown and blown[-1] == int(run.log["epoch"].iloc[-1]):
+        return "blown up" + (" (unfinished)" if run.summary is None else "")
+    return f"{state} (blew up at epoch {blown[0]}, recovered)" if blown else state
+
+
+def test_images(run: Run) -> int:
+    """The test split's size: from the run's logits, else CIFAR-100's 10,000."""
+    return len(run.logits["labels"]) if run.logits else 10_000
 
 
 def results_table(groups: list[Group], costs: dict | None) -> str:
     """costs: kd.models.model_name -> {'params', 'macs', ...}, or None to leave the cost columns
-    out."""
+    out. A note follows when every run is at chance."""
     header = HEADER + (COST_HEADER if costs is not None else []) + ["status"]
-    return markdown(header, [results_row(group, costs) for group in groups])
+    table = markdown(header, [results_row(group, costs) for group in groups])
+    runs = [run for group in groups for run in group.runs]
+    if all(at_chance(run.log["test_top1"].iloc[-1], test_images(run)) for run in runs):
+        table += ("\n\n**Every run here is at chance**: its last test top-1 is within 3 standard "
+                  "errors of guessing (1 %). None has learned anything yet, and no difference "
+                  "between them means anything.")
+    return table

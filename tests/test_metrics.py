@@ -5,8 +5,8 @@ import torch
 
 from kd.data import Split, hold_out
 from kd.errors import UserError
-from kd.metrics import (agreement_metrics, classification_metrics, expected_calibration_error,
-                        fine_to_coarse, split_metrics)
+from kd.metrics import (agreement_metrics, at_chance, blown_up, classification_metrics,
+                        expected_calibration_error, fine_to_coarse, split_metrics)
 
 
 def slow_ece(logits, labels, n_bins=15):
@@ -112,3 +112,10 @@ def test_hold_out_is_class_balanced_disjoint_and_seeded():
     assert not train_ids & val_ids
     with pytest.raises(UserError, match="multiple of 100"):
         hold_out(split, 150, seed=0)
+
+
+def test_blown_up_and_at_chance_thresholds():
+    assert not blown_up(4.6) and not blown_up(46.0) and blown_up(46.1)
+    assert blown_up(float("nan")) and blown_up(float("inf")) and blown_up(3e13)
+    assert at_chance(1.0, 10_000) and at_chance(1.29, 10_000) and not at_chance(1.31, 10_000)
+    assert at_chance(3.98, 100) and not at_chance(4.0, 100)  # 1 % + 3 x 0.995 %

@@ -463,3 +463,23 @@ def test_summary_older_than_the_log_is_not_used(tmp_path: Path, capsys):
     row = first_table(text)["student"]
     assert (row["status"], row["epochs"], row["last top-1"]) == ("unfinished", "3/2", "30.00")
     assert "summary.json is of epoch 2, log.csv goes on to epoch 3" in capsys.readouterr().err
+
+
+def test_blown_up_runs_and_a_table_at_chance_are_named(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs / "blown", STUDENT, [10.0, 1.0, 1.0])
+    set_log_column(runs / "blown", "test_loss", [4.0, 3.3e13, float("inf")])
+    write_run(runs / "recovered", {**STUDENT, "lr": 0.3}, [10.0, 12.0, 14.0])
+    set_log_column(runs / "recovered", "test_loss", [4.0, 50.0, 4.1])  # 50 > 10 ln 100 = 46
+    text, _ = report_with_problems([runs, "--out", tmp_path / "out", "--no-cost"], capsys)
+    rows = first_table(text)
+    assert rows["blown"]["status"] == "blown up"
+    assert rows["recovered"]["status"] == "done (blew up at epoch 2, recovered)"
+    assert "Every run here is at chance" not in text  # 14 % is learning, on 300 images
+
+    chance = tmp_path / "chance"
+    for seed in (0, 1):  # 1.0 and 2.0 %: within 3 standard errors of 1 % on 300 test images
+        write_run(chance / f"s{seed}", {**STUDENT, "seed": seed}, [1.0, 1.0 + seed],
+                  logits_seed=seed)
+    text, _ = report_with_problems([chance, "--out", tmp_path / "out2", "--no-cost"], capsys)
+    assert "**Every run here is at chance**" in text

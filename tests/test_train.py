@@ -1,6 +1,7 @@
 """kd/train.py's epoch and step on generated data: what the step minimises, what it leaves alone."""
 import contextlib
 import functools
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,8 @@ from kd.errors import UserError
 from kd import features
 from kd.losses import ce_loss, fitnet_objective, kd_loss
 from kd.models import build_student, build_teacher
-from kd.train import Step, make_optimization, predict, train_one_epoch, train_step, warmup_cosine
+from kd.train import (Record, Step, make_optimization, predict, train_one_epoch, train_step,
+                      warmup_cosine)
 
 CPU = torch.device("cpu")
 
@@ -140,3 +142,21 @@ def test_feature_step_trains_student_and_connector_never_the_teacher(fake_data):
     for k in ("conv.weight", "bn.weight", "bn.running_mean"):
         assert not torch.equal(connector.state_dict()[k], connector_before[k]), k
     assert connector.training and not teacher.training
+
+
+def test_a_blown_up_run_is_named_in_the_console_and_summary(tmp_path, capsys):
+    """kd.train.Record at the end of each epoch: a test NLL over 10x a uniform prediction's is
+    a warning when it happens and the run's status in summary.json."""
+    args = SimpleNamespace(out_dir=str(tmp_path), val_size=0, save_every=1, epochs=2,
+                           resume=False, overwrite=False)
+    record = Record(args, {"arch": "mobilenet_v3_small"}, is_main=True)
+    record.begin()
+    for epoch, nll in ((1, 4.2), (2, 3.3e13)):
+        row = {"epoch": epoch, "lr": 0.1, "train_loss": 2.0, "test_loss": nll, "test_top1": 1.0,
+               "test_top5": 5.0, "epoch_time_s": 1.0, "train_img_per_s": 10.0}
+        record.end_epoch(row, {"model": {}}, {"epoch": epoch})
+    summary = record.finish()
+    err = capsys.readouterr().err
+    assert "warning: epoch 2: the test NLL is 3.3e+13" in err and "epoch 1:" not in err
+    assert summary["status"] == "blown up" and summary["blown_up_epochs"] == [2]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "blown up"
