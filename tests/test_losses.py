@@ -178,3 +178,26 @@ def test_dkd_stays_finite_for_certain_models():
     total, _ = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(s.grad).all()
+
+
+def dists_own_loss(s, t, beta, gamma, T):
+    """DIST's code (Huang et al.; torchdistill's and mmrazor's DISTLoss are the same)."""
+    cosine = lambda a, b, eps=1e-8: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    pearson = lambda a, b: cosine(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1))
+    y_s, y_t = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)
+    inter = T ** 2 * (1 - pearson(y_s, y_t).mean())
+    intra = T ** 2 * (1 - pearson(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean())
+    return beta * inter + gamma * intra
+
+
+@pytest.mark.parametrize("student_scale", [3.0, 1e-3])  # 1e-3: near-uniform predictions
+def test_dist_loss_is_dists_own_formula(student_scale):
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(32, 100, generator=g, dtype=torch.float64) * student_scale).requires_grad_()
+    t = torch.randn(32, 100, generator=g, dtype=torch.float64) * 3
+    ours = dist_loss(s, t, beta=2.0, gamma=2.0, T=4.0)[0]
+    (ours_grad,) = torch.autograd.grad(ours, s)
+    theirs = dists_own_loss(s, t, 2.0, 2.0, 4.0)
+    (their_grad,) = torch.autograd.grad(theirs, s)
+    assert torch.allclose(ours, theirs, rtol=1e-10)
+    assert torch.allclose(ours_grad, their_grad, rtol=1e-8, atol=1e-12)
