@@ -130,8 +130,9 @@ def read_log(path: Path) -> tuple[pd.DataFrame | None, str | None]:
 
 
 def read_test_logits(path: Path) -> tuple[dict | None, str | None]:
-    """({'logits' [N, C] float32, 'labels' [N], 'coarse_labels' [N]} of the test split, None), or
-    (None, why the file cannot be used)."""
+    """({'logits' [N, C] float32, 'labels' [N], 'coarse_labels' [N], and for a distilled run
+    'teacher_logits' [N, C] when saved and finite} of the test split, None), or (None, why the
+    file cannot be used)."""
     if not path.exists():
         return None, "no logits_best.pt"
     try:
@@ -154,7 +155,12 @@ def read_test_logits(path: Path) -> tuple[dict | None, str | None]:
     bad_rows = (~logits.isfinite()).any(dim=1).sum().item()
     if bad_rows:
         return None, f"logits_best.pt has non-finite logits in {bad_rows} of {len(labels)} rows"
-    return {"logits": logits, "labels": labels, "coarse_labels": test["coarse_labels"].long()}, None
+    found = {"logits": logits, "labels": labels, "coarse_labels": test["coarse_labels"].long()}
+    teacher = test.get("teacher_logits")
+    if isinstance(teacher, torch.Tensor) and teacher.shape == logits.shape and \
+            teacher.isfinite().all():
+        found["teacher_logits"] = teacher.float()
+    return found, None
 
 
 def load_run(folder: Path, label: str) -> tuple[Run | None, list[str]]:

@@ -126,6 +126,7 @@ class Study:
     methods: dict[str, list[Point]]  # method -> its grid points
     selected: dict[str, Point]  # method -> the point with the best mean last val_top1
     notes: list[str]  # what the study cannot say yet, and why
+    teachers: dict[str, float]  # teacher_sha256 -> its test top-1, from the distilled runs' logits
 
 
 def read_study(label: str, runs: list[Run]) -> Study:
@@ -156,8 +157,9 @@ def read_study(label: str, runs: list[Run]) -> Study:
             tied = [p.label for p, s in zip(points, scores) if s == best]
             selected[method] = points[scores.index(best)]
             if len(tied) > 1:
-                notes.append(f"{method}: a tie on validation top-1 between {'; '.join(tied)}: "
-                             f"the first is shown as selected")
+                notes.append(f"{method}: {', '.join(tied[:-1])} and {tied[-1]} tie on "
+                             f"validation top-1; the first in grid order, {tied[0]}, is shown "
+                             f"as selected")
         else:
             notes.append(f"{method}: no run logged val_top1 (run with --val_size): no selection")
     theirs = baseline.last("test_top1") if baseline else {}
@@ -168,7 +170,19 @@ def read_study(label: str, runs: list[Run]) -> Study:
             notes.append(f"{method}: its selected point has seeds {sorted(ours)}, the baseline "
                          f"{sorted(theirs)}: the gain pairs the {len(shared)} they share, the "
                          f"other columns average each point's own")
-    return Study(label, baseline, methods, selected, notes)
+    return Study(label, baseline, methods, selected, notes, teacher_top1(done))
+
+
+def teacher_top1(runs: list[Run]) -> dict[str, float]:
+    """Each teacher's test top-1 (%), by its checkpoint's SHA-256, from the teacher logits the
+    distilled runs saved in logits_best.pt."""
+    found = {}
+    for run in runs:
+        if run.logits and "teacher_logits" in run.logits:
+            hits = run.logits["teacher_logits"].argmax(1) == run.logits["labels"]
+            found.setdefault(str(run.config.get("teacher_sha256", "?")),
+                             100 * hits.float().mean().item())
+    return found
 
 
 def gain(point: Point, baseline: Point) -> tuple[float, float, float, int]:
@@ -180,6 +194,17 @@ def gain(point: Point, baseline: Point) -> tuple[float, float, float, int]:
     return (*paired_interval([ours[s] - theirs[s] for s in seeds]), len(seeds))
 
 
+def verdict(mean: float, low: float, high: float, n: int) -> str:
+    """The gain's interval in words."""
+    if n < 2:
+        return "no verdict: fewer than 2 paired seeds"
+    if low > 0:
+        return "helps: the interval is above 0"
+    if high < 0:
+        return "hurts: the interval is below 0"
+    return "inconclusive: the interval includes 0"
+
+
 def gain_text(mean: float, low: float, high: float, n: int) -> str:
     if n == 0:
         return "– (no common seed)"
@@ -189,7 +214,7 @@ def gain_text(mean: float, low: float, high: float, n: int) -> str:
 
 
 GAIN_HEADER = ["method", "selected point (of grid)", "n", "val top-1", "test top-1",
-               f"gain over CE, {LEVEL:.0%} CI", "test ECE %", "test agree"]
+               f"gain over CE, {LEVEL:.0%} CI", "verdict", "test ECE %", "test agree"]
 
 
 def gain_table(study: Study) -> str:
@@ -201,9 +226,9 @@ def gain_table(study: Study) -> str:
     for method, point, where in points:
         cells = [number(*point.mean_std(f"{split}_{metric}"), 2)
                  for split, metric in [("val", "top1"), ("test", "top1")]]
-        paired = "–" if method == "ce" or study.baseline is None else \
-            gain_text(*gain(point, study.baseline))
-        rows.append([method, where, str(len(point.runs)), *cells, paired,
+        paired = None if method == "ce" or study.baseline is None else gain(point, study.baseline)
+        rows.append([method, where, str(len(point.runs)), *cells,
+                     gain_text(*paired) if paired else "–", verdict(*paired) if paired else "–",
                      number(*point.mean_std("test_ece"), 2),
                      number(*point.mean_std("test_agree"), 2)])
     return markdown(GAIN_HEADER, rows)
@@ -280,6 +305,11 @@ def study_section(study: Study, out: Path, prefix: str) -> str:
              f"{LEVEL:.0%} Student-t interval on the mean of the per-seed differences. The "
              f"interval does not account for picking the point among the grid on the same "
              f"seeds, which biases the gain upward: confirm it on fresh seeds (README, Study)."]
+    if study.teachers:
+        parts.append("The teacher: test top-1 " + ", ".join(
+            f"{top1:.2f} %" + (f" (checkpoint SHA-256 {sha[:12]})" if len(study.teachers) > 1
+                               else "") for sha, top1 in study.teachers.items())
+                     + " (from the distilled runs' logits_best.pt).")
     parts += [f"- {note}" for note in study.notes]
     if not study.baseline and not study.selected:
         return "\n\n".join(parts)

@@ -19,8 +19,8 @@ import study
 from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
 from plots.rundata import load_runs
-from plots.study import gain, paired_interval, read_study, t_quantile
-from helpers import STUDENT, report, write_run
+from plots.study import gain, paired_interval, read_study, study_section, t_quantile
+from helpers import STUDENT, fake_logits, report, write_run
 
 COMMON = ["--epochs", "1", "--batch_size", "100", "--eval_batch_size", "100", "--no-download"]
 
@@ -398,7 +398,8 @@ def test_study_report_selects_on_validation_and_pairs_by_seed(tmp_path):
     assert table[0][:5] == ["ce", "–", "3", "55.00 ± 0.00", "61.00 ± 1.00"]
     assert table[1][:5] == ["kd", "T=4 (of 2)", "3", "71.00 ± 1.00", "63.83 ± 1.04"]
     assert table[1][5] == f"+{17 / 6:.2f} [+{17 / 6 - half:.2f}, +{17 / 6 + half:.2f}] (n=3)"
-    assert table[1][6:] == ["3.62 ± 0.10", "83.83 ± 1.04"]  # ECE 10 - top1/10, agree top1 + 20
+    assert table[1][6] == "helps: the interval is above 0"
+    assert table[1][7:] == ["3.62 ± 0.10", "83.83 ± 1.04"]  # ECE 10 - top1/10, agree top1 + 20
     assert "| T=4 (selected) | 3 | 71.00 ± 1.00 |" in section
     assert "| T=2 | 3 | 60.00 ± 0.00 |" in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
@@ -425,8 +426,8 @@ def test_ties_and_runs_of_one_seed_twice_are_named(tmp_path):
                   val_top1=[50.0, 70.0 + seed], logits_seed=None)  # ties with T=4
     result = read_study("study", load_runs([root])[0])
     assert "kd T=4: more than one run of a seed; left out: kd-T4/seed0" in result.notes
-    assert "kd: a tie on validation top-1 between T=3; T=4: the first is shown as selected" in \
-        result.notes
+    assert "kd: T=3 and T=4 tie on validation top-1; the first in grid order, T=3, is shown as " \
+           "selected" in result.notes
     assert result.selected["kd"].label == "T=3" and len(result.methods["kd"][2].runs) == 3
 
 
@@ -473,7 +474,7 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     section = report(out, "--out", tmp_path / "report", "--no-cost").split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
     assert "| T=2 | 2 |" in section or "| T=2 (selected) | 2 |" in section
-    assert "fitnet" in section
+    assert "fitnet" in section and "The teacher: test top-1 " in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
         assert (tmp_path / "report" / name).exists()
 
@@ -519,3 +520,16 @@ def test_progress_names_the_epoch_of_a_run_in_flight(tmp_path, teacher_file):
     Path(job.out_dir).mkdir(parents=True)
     (Path(job.out_dir) / "log.csv").write_text("epoch,lr\n1,0.1\n2,0.1\n")
     assert study.progress(job) == "kd/seed0 epoch 2/7"
+
+
+def test_the_study_names_its_teacher_accuracy(tmp_path):
+    root = write_study(tmp_path / "study")
+    kd = json.loads((root / "kd-T4" / "seed0" / "config.json").read_text())
+    write_run(root / "kd-T6" / "seed0", {**kd, "T": 6.0}, [50.0, 63.0], val_top1=[50.0, 1.0],
+              logits_seed=3)
+    test = fake_logits(3, structured=False, kd=True)["test"]
+    expected = 100 * (test["teacher_logits"].argmax(1) == test["labels"]).float().mean().item()
+    result = read_study("study", load_runs([root])[0])
+    assert result.teachers == {"ab": pytest.approx(expected)}
+    section = study_section(result, tmp_path, "s_")
+    assert f"The teacher: test top-1 {expected:.2f} % (from the distilled runs'" in section
