@@ -13,7 +13,8 @@ from plots.plot_runs import main
 
 REPO = Path(__file__).parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PNGS = ["test_top1.png", "train_loss.png", "lr.png", "comparison.png"]
+PNGS = ["test_top1.png", "train_top1.png", "train_ce.png", "train_objective.png", "lr.png",
+        "comparison.png"]
 BASE_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                 "epoch_time_s", "train_img_per_s"]
 KD_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "train_ce", "train_kd", "test_loss",

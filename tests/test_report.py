@@ -82,8 +82,8 @@ def test_results_table_groups_seeds(experiment: Path, tmp_path: Path, capsys):
 def test_figures_are_valid_pngs(experiment: Path, tmp_path: Path):
     out = tmp_path / "out"
     text = report(experiment, "--out", out, "--no-cost")
-    names = ["test_top1.png", "train_loss.png", "lr.png", "comparison.png", "reliability.png",
-             "dark_knowledge.png"]
+    names = ["test_top1.png", "train_top1.png", "train_ce.png", "train_objective.png", "lr.png",
+             "comparison.png", "reliability.png", "dark_knowledge.png"]
     assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
     for name in names:
         image = matplotlib.image.imread(out / name)
