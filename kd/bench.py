@@ -325,8 +325,9 @@ def feature_connector(config: Config, train_args: argparse.Namespace, model: nn.
         return method.connector(train_args, model, teacher).to(device)
     labels = split.labels.cpu()
     nce_k = min(train_args.nce_k, len(labels) - int(torch.bincount(labels).max()))
-    taps = features.student_taps(model), features.teacher_taps(teacher)
-    return features.ContrastMemory(*taps, labels, train_args.feat_dim,
+    student = features.student_taps(model)
+    return features.ContrastMemory(student, features.teacher_taps(teacher, student), labels,
+                                   train_args.feat_dim,
                                    (nce_k, train_args.nce_t, train_args.nce_m)).to(device)
 
 

@@ -32,12 +32,17 @@ STAGES = 4  # of each model; the pooled feature is the fifth tap
 
 
 class Taps:
-    """The outputs of a model's named submodules, recorded by forward hooks at every forward, in
-    the order of `names`; `shapes`: their [C, H, W] at a 32 px input (pooled features: [C, 1, 1]).
-    Hooks are no state: the model's state_dict is unchanged."""
+    """The outputs of a model's named submodules in a training step's forward, recorded by
+    forward hooks, in the order of `names`; `shapes`: their [C, H, W] at a 32 px input (pooled
+    features: [C, 1, 1]). Hooks are no state: the model's state_dict is unchanged.
 
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.names, self.outputs = names, {}
+    Only a training step's forwards are kept, until read: the student's (gradients on) and, for
+    taps that follow the student's, the teacher's right after it. Evaluation passes (inference
+    mode) keep nothing, so no evaluation batch's maps stay held.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], follows: "Taps | None" = None):
+        self.names, self.outputs, self.follows, self.probing = names, {}, follows, True
         modules = dict(model.named_modules())
         for name in names:
             modules[name].register_forward_hook(self._recorder(name))
@@ -47,23 +52,27 @@ class Taps:
             model(torch.zeros(2, 3, 32, 32, device=next(model.parameters()).device))
         model.train(training)
         self.shapes = [t.shape[1:] for t in self.read()]
-        self.outputs.clear()
+        self.probing = False
 
     def _recorder(self, name: str):
         def record(module, inputs, output) -> None:
-            self.outputs[name] = output
+            if self.probing or (bool(self.follows.outputs) if self.follows else
+                                torch.is_grad_enabled()):
+                self.outputs[name] = output
         return record
 
-    def read(self) -> list[torch.Tensor]:
-        """The last forward's outputs, autograd-usable (a teacher's come from inference mode:
-        cloned outside it)."""
-        return [t.clone() if t.is_inference() else t for t in map(self.outputs.get, self.names)]
+    def read(self, which: list[int] | None = None) -> list[torch.Tensor]:
+        """The recorded outputs (those at the indices `which`, or all), autograd-usable (a
+        teacher's come from inference mode: cloned outside it); the record is emptied."""
+        outputs = [self.outputs[self.names[i]] for i in (which or range(len(self.names)))]
+        self.outputs = {}
+        return [t.clone() if t.is_inference() else t for t in outputs]
 
 
 def student_taps(student: nn.Module) -> Taps:
     """Taps on the student's stages (its last block at each resolution after the stem) and its
     pooled feature."""
-    x, sizes = torch.zeros(2, 3, 32, 32), []
+    x, sizes = torch.zeros(2, 3, 32, 32, device=next(student.parameters()).device), []
     training = student.training
     with torch.no_grad():
         student.eval()
@@ -75,9 +84,10 @@ def student_taps(student: nn.Module) -> Taps:
     return Taps(student, [*(f"features.{i}" for i in ends), STUDENT_POOLED])
 
 
-def teacher_taps(teacher: nn.Module) -> Taps:
-    """Taps on the teacher's layer1..layer4 and its pooled feature."""
-    return Taps(teacher, TEACHER_TAPS)
+def teacher_taps(teacher: nn.Module, student: Taps) -> Taps:
+    """Taps on the teacher's layer1..layer4 and its pooled feature, recording the teacher's
+    forward that follows a recorded student forward."""
+    return Taps(teacher, TEACHER_TAPS, follows=student)
 
 
 def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -101,7 +111,7 @@ class HintRegressor(nn.Module):
 
     def forward(self, keys: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        student, teacher = (taps.read()[self.index] for taps in self.taps)
+        student, teacher = (taps.read([self.index])[0] for taps in self.taps)
         hint = F.relu(self.bn(self.conv(pool_to(student, self.size))))
         return hint, pool_to(teacher, self.size)
 
@@ -171,7 +181,7 @@ class ContrastMemory(nn.Module):
 
     def scores(self, keys: torch.Tensor, labels: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        student, teacher = (taps.read()[-1] for taps in self.taps)
+        student, teacher = (taps.read([STAGES])[0] for taps in self.taps)
         v_s, v_t = self.embed_s(student), self.embed_t(teacher)
         index = torch.div(keys, NUM_VIEWS, rounding_mode="floor")  # the image's file position
         rows = torch.cat([index[:, None], self.negatives(labels)], dim=1)
@@ -248,7 +258,8 @@ class ReviewFusion(nn.Module):
 # (on its device): taps on both models and the connector between them.
 def hint_regressor(args: argparse.Namespace, student: nn.Module, teacher: nn.Module
                    ) -> HintRegressor:
-    return HintRegressor(student_taps(student), teacher_taps(teacher), args.hint_stage)
+    taps = student_taps(student)
+    return HintRegressor(taps, teacher_taps(teacher, taps), args.hint_stage)
 
 
 def contrast_memory(args: argparse.Namespace, student: nn.Module, teacher: nn.Module
@@ -259,10 +270,12 @@ def contrast_memory(args: argparse.Namespace, student: nn.Module, teacher: nn.Mo
     if args.val_size:
         train, _ = hold_out(train, args.val_size, args.seed)
     labels[train.file_index] = train.labels
-    return ContrastMemory(student_taps(student), teacher_taps(teacher), labels, args.feat_dim,
+    taps = student_taps(student)
+    return ContrastMemory(taps, teacher_taps(teacher, taps), labels, args.feat_dim,
                           (args.nce_k, args.nce_t, args.nce_m))
 
 
 def review_fusion(args: argparse.Namespace, student: nn.Module, teacher: nn.Module
                   ) -> ReviewFusion:
-    return ReviewFusion(student_taps(student), teacher_taps(teacher))
+    taps = student_taps(student)
+    return ReviewFusion(taps, teacher_taps(teacher, taps))

@@ -3,6 +3,7 @@
 A value that cannot train is refused by its flag's type, before anything is loaded or written.
 """
 import argparse
+import math
 import sys
 
 from kd.errors import say
@@ -35,6 +36,8 @@ def number(kind: type, low: float, high: float = float("inf"), *, low_open: bool
 
     def parse(text: str):
         value = kind(text)  # a ValueError reads "invalid int value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         inside = (value > low if low_open else value >= low) and \
             (value < high if high_open else value <= high)
         if not inside:

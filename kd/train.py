@@ -93,8 +93,8 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     if record.epoch >= args.epochs:
         record.say(f"{args.out_dir}: the run is already complete at epoch {record.epoch}")
         return record.finish()
-    record.begin()
     teacher_logits = evaluate_teacher(teacher, eval_loaders, opt.autocast, world, record)
+    record.begin()
     eval_model = model_without_ddp
     if args.compile:  # graphs for the trained model, the eval model and each epoch's loss
         model, eval_model = torch.compile(model), torch.compile(model_without_ddp)
@@ -128,7 +128,7 @@ class Record:
         self.epoch, self.best, self.last, self.elapsed_s = 0, {self.select: -1.0}, {}, 0.0
         self.blown_up: list[int] = []  # epochs whose test predictions blew up (kd.metrics)
         self.saved_epoch = 0  # the epoch last.pt holds
-        self.logger, self.clock = None, time.perf_counter()
+        self.logger, self.clock = None, None  # the clock runs from begin()
 
     def path(self, name: str) -> str:
         return os.path.join(self.args.out_dir, name)
@@ -170,10 +170,12 @@ class Record:
             return
         self.logger.log(row)
         ckpt = {**state, "config": self.config, **self.progress()}
-        # best before last: a crash in between redoes this epoch on resume and rewrites both
-        for suffix in ("best",) * is_best + ("last",) * save_last:
+        # best before last: a crash in between redoes this epoch on resume and rewrites both;
+        # a feature method's connector is needed to resume only, so last.pt alone holds it
+        best = {k: v for k, v in ckpt.items() if k != "connector"}
+        for suffix, state in (("best", best),) * is_best + (("last", ckpt),) * save_last:
             save_checkpoint(self.path(f"logits_{suffix}.pt"), logits_blob)
-            save_checkpoint(self.path(f"{suffix}.pt"), ckpt)
+            save_checkpoint(self.path(f"{suffix}.pt"), state)
         val = f"val_top1 {row['val_top1']:.2f}  " if self.args.val_size else ""
         print(f"epoch {self.epoch}/{self.args.epochs}  train_loss {row['train_loss']:.4f}  "
               f"{val}test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s",
@@ -184,9 +186,10 @@ class Record:
                 "elapsed_s": self.elapsed_s, "blown_up": self.blown_up}
 
     def finish(self) -> dict:
-        """summary.json (rank 0) with the last checkpoint writes timed; the summary, or on other
-        ranks the progress."""
-        self.elapsed_s += time.perf_counter() - self.clock
+        """summary.json (rank 0) with the last checkpoint writes timed (when the run trained);
+        the summary, or on other ranks the progress."""
+        if self.clock is not None:
+            self.elapsed_s += time.perf_counter() - self.clock
         if not self.is_main:
             return self.progress()
         return write_summary(self.path("summary.json"), self.progress(), self.select, self.config)
@@ -214,7 +217,13 @@ def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module
         record.config = resumed_config(ckpt["config"], record.config, ckpt["epoch"])
         model_without_ddp.load_state_dict(ckpt["model"])
         if connector is not None:
-            connector.load_state_dict(ckpt["connector"])
+            try:
+                connector.load_state_dict(ckpt["connector"])
+            except (KeyError, RuntimeError) as e:  # missing, or shapes of other data or flags
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+                raise UserError(f"--resume: last.pt's connector does not fit this run "
+                                f"({reason[:200]}); resume with the --data_dir and flags it was "
+                                f"made with") from None
         opt.load_state_dict(ckpt)
         record.epoch, record.best, record.last = ckpt["epoch"], ckpt["best"], ckpt["last"]
         record.elapsed_s, record.saved_epoch = ckpt["elapsed_s"], ckpt["epoch"]

@@ -23,8 +23,8 @@ class FixedTaps:
         self.values, self.shapes = values, [v.shape[1:] if v is not None else None
                                             for v in values]
 
-    def read(self) -> list[torch.Tensor]:
-        return self.values
+    def read(self, which: list[int] | None = None) -> list[torch.Tensor]:
+        return [self.values[i] for i in (which or range(len(self.values)))]
 
 
 def grads(loss_fn, *tensors):
@@ -97,7 +97,8 @@ def test_hcl_loss_matches_the_reference_with_gradients():
 def test_taps_record_the_stages_and_leave_the_models_plain():
     student, teacher = build_student("cifar"), build_teacher(64)
     keys = (set(student.state_dict()), set(teacher.state_dict()))
-    s_taps, t_taps = features.student_taps(student), features.teacher_taps(teacher)
+    s_taps = features.student_taps(student)
+    t_taps = features.teacher_taps(teacher, s_taps)
     assert s_taps.names == ["features.1", "features.3", "features.8", "features.12", "avgpool"]
     assert [tuple(s) for s in s_taps.shapes] == [(16, 32, 32), (24, 16, 16), (48, 8, 8),
                                                  (576, 4, 4), (576, 1, 1)]
@@ -106,12 +107,23 @@ def test_taps_record_the_stages_and_leave_the_models_plain():
     assert (set(student.state_dict()), set(teacher.state_dict())) == keys
     assert student.training and teacher.training  # the probe left the modes alone
     imagenet = features.student_taps(build_student("imagenet"))
-    assert imagenet.names == s_taps.names  # the same blocks, at half the sizes
+    assert imagenet.names == s_taps.names  # the same blocks, at a quarter of the sizes
     assert [s[-1] for s in imagenet.shapes] == [8, 4, 2, 1, 1]
+
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        student.eval()(x)
-    assert torch.equal(s_taps.read()[0], student.features[:2](x))
+    student.eval(), teacher.eval()
+    with torch.inference_mode():  # evaluation passes keep nothing
+        student(x), teacher(x)
+    assert s_taps.outputs == {} and t_taps.outputs == {}
+    teacher(x)  # a teacher forward not following a student's training forward: nothing
+    assert t_taps.outputs == {}
+    student(x)  # a training step: the student with gradients, then the teacher
+    with torch.inference_mode():
+        teacher(x)
+    expected = student.features[:2](x)
+    assert torch.equal(s_taps.read()[0], expected) and s_taps.outputs == {}  # read empties it
+    maps = t_taps.read([3])
+    assert len(maps) == 1 and maps[0].shape == (2, 2048, 2, 2) and not maps[0].is_inference()
 
 
 @pytest.mark.parametrize("teacher_sizes", [[56, 28, 14, 7], [8, 4, 2, 1]])

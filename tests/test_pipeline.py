@@ -176,6 +176,7 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--method", "fitnet", "--logit_std"], "--logit_std is read by --method kd, dkd, not by "
                                             "fitnet"),
     (["--method", "dist", "--alpha", "0.3"], "--alpha is read by --method kd, not by dist"),
+    (["--method", "fitnet", "--hint_weight", "inf"], "--hint_weight: must be a finite number"),
 ])
 def test_bad_input_is_one_clear_line(runs, fake_data, tmp_path, args, phrase, in_process):
     """In-process (the subprocess tests above cover the real entry point), to keep the suite
@@ -306,8 +307,32 @@ def test_feature_methods_train_a_plain_student(runs, fake_data, tmp_path, method
     assert float(rows[0][f"train_{term}"]) > 0 and float(rows[0]["train_ce"]) > 0
     last = torch.load(folder / "last.pt", weights_only=True)
     assert last["connector"] and set(last["model"]) == set(build_student().state_dict())
+    assert "connector" not in torch.load(folder / "best.pt", weights_only=True)  # resume only
     state = {"data_dir": fake_data, "download": False, "amp": True, "amp_dtype": "bf16",
              "batch_size": 100}
     metrics = evaluate_checkpoint(str(folder / "best.pt"), SimpleNamespace(**state),
                                   torch.device("cpu"))
     assert metrics["test_top1"] == pytest.approx(float(rows[0]["test_top1"]), abs=1e-3)
+
+
+def test_resuming_crd_on_other_data_is_one_line(runs, fake_data, tmp_path, in_process):
+    """CRD's memory bank has a row per training image: other data cannot continue it."""
+    folder, other = tmp_path / "crd", tmp_path / "other_data"
+    write_fake_cifar100(str(other), n_train=400, n_test=100, seed=1)
+    common = ["--out_dir", folder, "--teacher_ckpt", runs / "teacher" / "best.pt", "--method",
+              "crd", "--nce_k", "64", *COMMON, "--epochs", "1"]
+    assert in_process("distill_student.py", [*common, "--data_dir", fake_data]).returncode == 0
+    before = folder_bytes(folder)
+    result = in_process("distill_student.py", [*common, "--data_dir", other, "--resume",
+                                               "--epochs", "2"])
+    assert_one_line_error(result, "--resume: last.pt's connector does not fit this run")
+    assert folder_bytes(folder) == before
+
+
+def test_a_complete_run_resumed_adds_no_time(runs, fake_data, in_process):
+    result = in_process("train_student.py", ["--out_dir", runs / "baseline", "--data_dir",
+                                             fake_data, *COMMON, "--resume"])
+    assert result.returncode == 0 and "already complete at epoch 2" in result.stdout
+    summary = json.loads((runs / "baseline" / "summary.json").read_text())
+    last = torch.load(runs / "baseline" / "last.pt", weights_only=True)
+    assert summary["total_time_s"] == last["elapsed_s"]  # as saved: nothing ran

@@ -96,8 +96,8 @@ class FixedTaps:
         self.shapes = [torch.Size(s) for s in shapes]
         self.values = [torch.randn(16, *s, generator=g) for s in shapes]
 
-    def read(self) -> list[torch.Tensor]:
-        return self.values
+    def read(self, which: list[int] | None = None) -> list[torch.Tensor]:
+        return [self.values[i] for i in (which or range(len(self.values)))]
 
 
 def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
@@ -111,7 +111,8 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
     student_shapes = [(4, 16, 16), (6, 8, 8), (8, 4, 4), (10, 2, 2), (10, 1, 1)]  # small: fast
     teacher_shapes = [(8, 8, 8), (12, 4, 4), (16, 2, 2), (20, 1, 1), (20, 1, 1)]
     monkeypatch.setattr(kd.features, "student_taps", lambda model: FixedTaps(student_shapes, 1))
-    monkeypatch.setattr(kd.features, "teacher_taps", lambda model: FixedTaps(teacher_shapes, 2))
+    monkeypatch.setattr(kd.features, "teacher_taps",
+                        lambda model, student: FixedTaps(teacher_shapes, 2))
     changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
                "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1",
                "hint_weight": "3", "hint_stage": "3", "crd_weight": "2", "feat_dim": "16",
