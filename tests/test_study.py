@@ -278,21 +278,27 @@ class FakeJob(study.Job):
 def test_scheduler_waits_for_the_cache_and_reports_failures(tmp_path):
     order = tmp_path / "order.txt"
     write = lambda tag: f"open({str(order)!r}, 'a').write({tag!r} + '\\n')"
-    build = FakeJob(tmp_path, "cache", f"import time; time.sleep(1); {write('cache')}",
-                    "kd.cache")
+    # the build ends only once fitnet has run: fitnet (teacher online) must not wait for it
+    until_fitnet = (f"import os, time\nfor _ in range(1200):\n"
+                    f"    if os.path.exists({str(order)!r}) and 'fitnet' in "
+                    f"open({str(order)!r}).read(): break\n    time.sleep(0.05)\n")
+    build = FakeJob(tmp_path, "cache", until_fitnet + write("cache"), "kd.cache")
     ce = FakeJob(tmp_path, "ce", write("ce"))
     kd = FakeJob(tmp_path, "kd", write("kd"), "distill_student.py")
+    kd.config = {"teacher_cache": str(tmp_path / "cache.pt")}
+    fitnet = FakeJob(tmp_path, "fitnet", write("fitnet"), "distill_student.py")
     broken = FakeJob(tmp_path, "broken", "print('first'); raise SystemExit('error: it broke')")
-    failed = study.run_all([build, kd, ce, broken], [None, None])
-    assert order.read_text().split() == ["ce", "cache", "kd"]  # kd waited; ce did not
+    failed = study.run_all([build, kd, ce, fitnet, broken], [None, None])
+    assert order.read_text().split() == ["ce", "fitnet", "cache", "kd"]  # kd waited, the rest not
     assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
         ("broken", "exit code 1")]
-    text = study.failure_report(failed, 4)
-    assert "1 of 4 study jobs failed" in text and "| error: it broke" in text and "| first" in text
+    text = study.failure_report(failed, 5)
+    assert "1 of 5 study jobs failed" in text and "| error: it broke" in text and "| first" in text
 
     failing_build = FakeJob(tmp_path, "cache2", "raise SystemExit(2)", "kd.cache")
     kd2, ce2 = FakeJob(tmp_path, "kd2", write("kd2"), "distill_student.py"), FakeJob(
         tmp_path, "ce2", write("ce2"))
+    kd2.config = kd.config
     failed = study.run_all([ce2, failing_build, kd2], [None])
     assert [(job.name, why.split(" after")[0]) for job, why in failed] == [
         ("cache2", "exit code 2"), ("kd2", "not run: the teacher cache build failed")]
