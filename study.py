@@ -83,14 +83,13 @@ class Job:
         return bool(self.config.get("teacher_cache"))
 
     def command(self, *, shown: bool = True) -> list[str]:
-        """The command line; shown: as printed, with python's name and the script's path
-        relative to the current folder when it lies below it."""
+        """The command line, with the interpreter that runs the study; shown: as printed, the
+        script's path relative to the current folder when it lies below it."""
         if self.builds_cache:
             target = ["-m", self.script]
         else:
             target = [shown_path(REPO / self.script) if shown else str(REPO / self.script)]
-        python = os.path.basename(sys.executable) if shown else sys.executable
-        return [python, *target, *self.argv]
+        return [sys.executable, *target, *self.argv]  # the interpreter running the study
 
 
 def shown_path(path: Path) -> str:
@@ -448,7 +447,7 @@ def record_command(out_dir: str) -> None:
             raise TypeError("its commands are not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read {path} ({e}); move it away") from None
-    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    command = shlex.join([sys.executable, *sys.argv])
     if command not in commands:
         commands.append(command)
     try:
@@ -538,7 +537,7 @@ def main() -> None:
         say(failure_report(failed, len(todo)))
         sys.exit(1)
     plot = shown_path(REPO / "plots" / "plot_runs.py")
-    report = shlex.join([os.path.basename(sys.executable), plot, args.out_dir, "--out",
+    report = shlex.join([sys.executable, plot, args.out_dir, "--out",
                          os.path.join(args.out_dir, "report")])
     print(f"study complete. Report: {report}")
 

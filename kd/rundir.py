@@ -165,7 +165,7 @@ def resumed_config(saved: dict, config: dict, epochs_done: int) -> dict:
 def rerun_command(flag: str) -> str:
     """This script's command line without --resume/--overwrite, plus `flag`."""
     argv = [a for a in sys.argv if a not in ("--resume", "--overwrite")]
-    return shlex.join([os.path.basename(sys.executable), *argv, flag])
+    return shlex.join([sys.executable, *argv, flag])
 
 
 def stopped_message(epochs_done: int) -> str:

@@ -265,10 +265,16 @@ def plot_heatmap(method: str, points: list[Point], chosen: Point | None, path: P
         if p is chosen:
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red",
                                    linewidth=2.5))
-    ax.set_xticks(range(len(cols)), rotation=20, ha="right", labels=[
-        ", ".join(f"{k}={value_text(v)}" for k, v in zip(axes[1:], values)) for values in cols])
-    ax.set_yticks(range(len(rows)),
-                  labels=[f"{axes[0]}={value_text(v)}" if axes else "" for v in rows])
+    if axes[1:]:  # a grid of one axis has one column, and no x label to give it
+        ax.set_xticks(range(len(cols)), rotation=20, ha="right", labels=[
+            ", ".join(f"{k}={value_text(v)}" for k, v in zip(axes[1:], values))
+            for values in cols])
+    else:
+        ax.set_xticks([])
+    if axes:
+        ax.set_yticks(range(len(rows)), labels=[f"{axes[0]}={value_text(v)}" for v in rows])
+    else:
+        ax.set_yticks([])
     fig.colorbar(image, ax=ax, label="val top-1 (%)")
     ax.set_title(f"{method}: mean validation top-1 at the last epoch (red: selected)",
                  fontsize="medium")

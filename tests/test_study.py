@@ -245,7 +245,7 @@ def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch,
                                            "--seeds", "3", "--T", "1", "2", "--dry_run", *COMMON],
                               monkeypatch, capsys)
     lines = captured.stdout.splitlines()
-    python = Path(sys.executable).name
+    python = sys.executable  # the interpreter running the study, not whichever `python` is first
     assert lines[0] == (f"{python} -m kd.cache --teacher_ckpt {teacher_file} --out "
                         f"{tmp_path}/teacher_cache.pt --no-download")
     assert lines[1] == (f"{python} train_student.py --out_dir {tmp_path}/ce/seed3 --seed 3 "
