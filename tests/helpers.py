@@ -149,3 +149,15 @@ KD = {**STUDENT, "alpha": 0.5, "T": 3.0, "teacher_ckpt": "exp/teacher/best.pt",
 def report(*argv: str | Path) -> str:
     plot_runs_main([*map(str, argv)])
     return Path(argv[argv.index("--out") + 1], "results.md").read_text()
+
+
+def results_rows(text: str) -> dict[str, dict[str, str]]:
+    """The report's results tables (accuracy, then calibration and cost), their rows merged and
+    keyed by run."""
+    tables = [t for t in text[text.index("\n|"):].strip().split("\n\n")[:2] if t.startswith("|")]
+    merged: dict[str, dict[str, str]] = {}
+    for table in tables:
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+        for row in rows[2:]:
+            merged.setdefault(row[0], {}).update(zip(rows[0], row))
+    return merged

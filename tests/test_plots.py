@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import results_rows
 from plots.plot_runs import main
 
 REPO = Path(__file__).parents[1]
@@ -56,12 +57,7 @@ def plot(capsys, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
-def table_rows(stdout: str) -> dict[str, dict[str, str]]:
-    """The first markdown table's data rows, keyed by run name."""
-    table = stdout[stdout.index("\n|"):].strip().split("\n\n")[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
-    header, body = rows[0], rows[2:]
-    return {row[0]: dict(zip(header, row)) for row in body}
+table_rows = results_rows  # the results tables, merged
 
 
 @pytest.fixture

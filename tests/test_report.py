@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from helpers import (CLASS_TO_COARSE, CLASSES, KD, N_TEST, STUDENT, TEACHER, fake_logits,
-                     metric_rows, report, write_run)
+                     metric_rows, report, results_rows, write_run)
 from kd.metrics import expected_calibration_error
 from kd.models import build_model
 from plots import calibration, cost
@@ -45,11 +45,7 @@ def left_out(text: str) -> list[str]:
     return [line.removeprefix("- ") for line in items.splitlines()]
 
 
-def first_table(text: str) -> dict[str, dict[str, str]]:
-    """The first markdown table in text, rows keyed by their first cell."""
-    lines = text[text.index("\n|"):].strip().split("\n\n")[0].splitlines()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    return {row[0]: dict(zip(rows[0], row)) for row in rows[2:]}
+first_table = results_rows  # the results tables, merged
 
 
 def test_results_table_groups_seeds(experiment: Path, tmp_path: Path, capsys):
@@ -184,12 +180,14 @@ def test_labels_tell_same_named_runs_apart(tmp_path: Path):
     assert group_label(["kd_s1", "kd_s10"]) == "kd_s1{,0}"
 
 
-@pytest.mark.parametrize("change, finished", [({"lr": 0.2}, True), ({"T": 4.0}, True),
-                                              ({"teacher_sha256": "cd34"}, True), ({}, False),
-                                              ({"method": "dkd", "logit_std": True}, True)],
-                         ids=["lr", "T", "teacher", "unfinished", "method"])
+@pytest.mark.parametrize("change, finished, settings", [
+    ({"lr": 0.2}, True, ("lr=0.1", "lr=0.2")), ({"T": 4.0}, True, ("T=3", "T=4")),
+    ({"teacher_sha256": "cd34"}, True, ("teacher_sha256=ab12", "teacher_sha256=cd34")),
+    ({}, False, ("–", "–")),
+    ({"method": "dkd", "logit_std": True}, True, ("–", "–"))],  # a method's own: not compared
+    ids=["lr", "T", "teacher", "unfinished", "method"])
 def test_runs_that_differ_in_more_than_seed_are_not_grouped(tmp_path: Path, change: dict,
-                                                            finished: bool):
+                                                            finished: bool, settings: tuple):
     write_run(tmp_path / "runs" / "kd0", KD, [10.0])
     kd1 = write_run(tmp_path / "runs" / "kd1", {**KD, "seed": 1, **change}, [11.0])
     if not finished:
@@ -197,6 +195,7 @@ def test_runs_that_differ_in_more_than_seed_are_not_grouped(tmp_path: Path, chan
     rows = first_table(report(tmp_path / "runs", "--out", tmp_path / "out", "--no-cost"))
     assert set(rows) == {"kd0", "kd1"} and rows["kd1"]["n"] == "1"
     assert rows["kd1"]["method"] == ("dkd+logit_std" if "method" in change else "kd")
+    assert (rows["kd0"]["settings"], rows["kd1"]["settings"]) == settings  # the flags that differ
 
 
 def test_cost_of_student(tmp_path: Path):
