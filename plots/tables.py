@@ -86,17 +86,17 @@ def differing_settings(groups: list[Group]) -> list[str]:
     """For each group, 'key=value' of the settings (kd.rundir.settings) in which the groups of
     its kind (teachers, students) differ, among those that have the setting, a method's own
     settings among the groups of its method; '–' when none."""
+    computed = {id(g.runs[0]): settings(g.runs[0].config) for g in groups}  # once per group
     shown = []
     for group in groups:
         first = group.runs[0]
         kind = [g.runs[0] for g in groups if g.runs[0].is_teacher == first.is_teacher]
         same_method = [run for run in kind if run.method == first.method]
-        ours = settings(first.config)
+        ours = computed[id(first)]
         varying = []
         for key in sorted(set(ours) - NOT_SHOWN):
             others = same_method if key in METHOD_SETTINGS else kind
-            values = {repr(settings(run.config)[key]) for run in others
-                      if key in settings(run.config)}
+            values = {repr(computed[id(run)][key]) for run in others if key in computed[id(run)]}
             if len(values) > 1:
                 varying.append(key)
         shown.append(", ".join(f"{k}={value_text(ours[k])}" for k in varying) or "–")
