@@ -50,6 +50,18 @@ def float32_head(linear: nn.Linear) -> Float32Linear:
     return head
 
 
+def plain_heads(model: nn.Module) -> nn.Module:
+    """The model with each Float32Linear replaced by an nn.Linear holding the same tensors, for
+    export: outside autocast both compute alike, and a plain layer exports as a plain Gemm."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Float32Linear):
+            parent, _, child = name.rpartition(".")
+            plain = nn.utils.skip_init(nn.Linear, module.in_features, module.out_features)
+            plain.weight, plain.bias = module.weight, module.bias
+            setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
 def imagenet_state_dict(pretrained: str, weights_path: str | None) -> dict | None:
     """ImageNet ResNet-50 weights: from weights_path if given, torchvision's download if
     pretrained == 'imagenet', else None (random init)."""

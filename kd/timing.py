@@ -1,6 +1,7 @@
-"""How this repo times things, so that the benchmark and the report's cost table measure alike:
-the machine's name, and the median time of a call after warm-up."""
+"""How this repo times things, so that the benchmark, the report's cost table and kd.export
+measure alike: the machine's name and cores, and the median time of a call after warm-up."""
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -17,6 +18,21 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: distinct (package, core) pairs in /proc/cpuinfo,
+    capped by the CPU affinity; os.cpu_count() where /proc/cpuinfo does not tell."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores, package = set(), None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                package = value.strip()
+            elif key.strip() == "core id":
+                cores.add((package, value.strip()))
+    return max(1, min(len(cores) or allowed or 1, allowed or 1))
 
 
 def device_name(device: torch.device) -> str:
@@ -49,6 +65,14 @@ def time_block(block: Callable[[], None], device: torch.device) -> float:
 class Timing:
     seconds: float  # median seconds per call
     first_s: float  # the first warm-up call alone: compilation, cuDNN set-up, worker start
+    times: list[float]  # seconds per call of each timed block, in the order they ran
+
+    @property
+    def p90_seconds(self) -> float:
+        """The 90th percentile of seconds per call over the timed blocks."""
+        if len(self.times) == 1:
+            return self.times[0]
+        return statistics.quantiles(self.times, n=10, method="inclusive")[-1]
 
 
 def measure(call: Callable[[], None], *, calls_per_block: int = 1, warmup: int = 1,
@@ -67,5 +91,5 @@ def measure(call: Callable[[], None], *, calls_per_block: int = 1, warmup: int =
     def block() -> None:
         for _ in range(calls_per_block):
             call()
-    times = [time_block(block, device) for _ in range(repeats)]
-    return Timing(statistics.median(times) / calls_per_block, first_s)
+    times = [time_block(block, device) / calls_per_block for _ in range(repeats)]
+    return Timing(statistics.median(times), first_s, times)

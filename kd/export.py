@@ -1,0 +1,308 @@
+"""Export a checkpoint (the student, or a teacher) to ONNX, check that the exported model is the
+model, optionally quantize it to int8, and measure what each deployable form costs on this CPU.
+
+    python -m kd.export runs/student_kd --int8          # into runs/student_kd/export/
+    python -m kd.export runs/student_kd/last.pt --out deploy/kd
+
+A run folder means its best.pt. Writes into --out (default: the checkpoint's folder's export/):
+  model.onnx       float32, dynamic batch, exported by torch.onnx.export(dynamo=True) at opset 18
+                   and checked by onnx.checker.check_model(full_check=True)
+  model_int8.onnx  with --int8: ONNX Runtime static quantization (QDQ, per-channel int8 weights,
+                   uint8 activations, MinMax ranges), after its pre-processing step, calibrated on
+                   --calibration_images training images drawn with --seed
+  validation.json  each form (PyTorch eager fp32, ONNX fp32, ONNX int8) on the whole test split of
+                   the run's data, run by ONNX Runtime's CPU provider: top-1, agreement with
+                   PyTorch's top-1, max |logit difference|, file size; and its latency at batch 1
+                   and 64 on the CPU's physical cores (median and p90 of --timed_runs runs after
+                   warm-up, the CPU named). The report (plots/plot_runs.py) adds these rows to its
+                   cost section.
+
+The fp32 model must agree with PyTorch on every test image, its logits within 1e-3, or nothing is
+written and the command says by how much it differs. The models take what the scripts feed the
+network: float32 images [batch, 3, 32, 32], RGB pixels / 255 normalised with the CIFAR-100 mean
+and std (both in the ONNX file's metadata, with the class names).
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kd.checkpoint import file_sha256, write_json
+from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split, load_split, normalize
+from kd.errors import UserError, run_script
+from kd.flags import HelpFormatter, Parser, add_data_flags, number, positive_int
+from kd.models import load_model, model_name, plain_heads
+from kd.rundir import EXPORT_DIR, EXPORT_FILE
+from kd.timing import cpu_name, measure, physical_cores
+from kd.train import predict
+
+OPSET = 18
+MAX_LOGIT_DIFF = 1e-3  # the fp32 export's bound; float32 kernels differ by ~1e-5 on our logits
+INPUT, OUTPUT = "images", "logits"
+LATENCY_BATCHES = (1, 64)
+WARMUP = 10
+CALIBRATION_IMAGES = 1024
+FP32_FILE, INT8_FILE = "model.onnx", "model_int8.onnx"
+
+
+def checkpoint_of(path: str) -> str:
+    """The checkpoint a RUN_DIR_OR_CHECKPOINT argument names: a run folder means its best.pt."""
+    if os.path.isdir(path):
+        best = os.path.join(path, "best.pt")
+        if not os.path.isfile(best):
+            raise UserError(f"run folder {path} has no best.pt (no epoch finished); pass a "
+                            f"checkpoint file instead")
+        return best
+    return path
+
+
+def export_onnx(model: nn.Module, path: str, metadata: dict[str, str]) -> None:
+    """model (eval mode, float32) as an ONNX file with a dynamic batch dimension, checked."""
+    example = torch.zeros(2, 3, 32, 32)  # batch 2: torch.export would specialise a batch of 1
+    batch = torch.export.Dim("batch")
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports each stage on stdout
+        torch.onnx.export(model, (example,), path, dynamo=True, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_shapes=({0: batch},), external_data=False)
+    add_metadata(path, metadata)
+
+
+def add_metadata(path: str, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def ort_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, images: torch.Tensor) -> np.ndarray:
+    """The session's logits for a batch of CPU images (any memory format)."""
+    return session.run([OUTPUT], {INPUT: np.ascontiguousarray(images.numpy())})[0]
+
+
+def ort_predict(session, loader: DeviceLoader) -> torch.Tensor:
+    """Logits [N, classes] of every image of the (CPU, eval-mode) loader, in order."""
+    return torch.cat([torch.from_numpy(ort_run(session, images)) for images, _, _ in loader])
+
+
+def compare(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 of logits, its agreement with the reference's top-1, both in %, and the largest
+    absolute logit difference."""
+    top1 = logits.argmax(1)
+    return {"test_top1": 100 * (top1 == labels).double().mean().item(),
+            "top1_agreement": 100 * (top1 == reference.argmax(1)).double().mean().item(),
+            "max_abs_logit_diff": (logits - reference).abs().max().item()}
+
+
+def calibration_images(train: Split, n: int | None, seed: int) -> np.ndarray:
+    """n training images (None: CALIBRATION_IMAGES or all) drawn without replacement by seed,
+    normalised as evaluation feeds them (no augmentation: the deployed model sees whole images)."""
+    n = min(CALIBRATION_IMAGES, len(train)) if n is None else n
+    if n > len(train):
+        raise UserError(f"--calibration_images {n} is more than the {len(train)} training "
+                        f"images in the run's data")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return normalize(train.images[pick.sort().values]).numpy()
+
+
+def quantize_int8(fp32_path: str, int8_path: str, images: np.ndarray, work_dir: str) -> None:
+    """ONNX Runtime static quantization: pre-processing (shape inference, graph optimisation),
+    then QDQ with per-channel int8 weights and uint8 activations, ranges from the images."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT: batch}
+
+    prepared = os.path.join(work_dir, "prepared.onnx")
+    quant_pre_process(fp32_path, prepared)
+    quantize_static(prepared, int8_path, Batches(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    os.remove(prepared)
+    import onnx
+    onnx.checker.check_model(int8_path, full_check=True)
+
+
+def latency_ms(call, timed_runs: int) -> dict:
+    timing = measure(call, warmup=WARMUP, repeats=timed_runs)
+    return {"median": 1000 * timing.seconds, "p90": 1000 * timing.p90_seconds}
+
+
+def form_latency(forward, test: Split, timed_runs: int) -> dict:
+    """{batch size: {'median', 'p90'} in ms} of forward on the first test images."""
+    return {str(b): latency_ms(lambda x=normalize(test.images[:b]): forward(x), timed_runs)
+            for b in LATENCY_BATCHES if b <= len(test)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(prog="python -m kd.export", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder (its best.pt) or a checkpoint written by one of the scripts")
+    p.add_argument("--out", default=None,
+                   help="folder for the models and validation.json; default: export/ beside "
+                        "the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (it is replaced only once everything passed)")
+    p.add_argument("--int8", action="store_true",
+                   help="also quantize to int8 with ONNX Runtime, calibrated on training images")
+    p.add_argument("--calibration_images", type=positive_int, default=None,
+                   help=f"training images --int8 calibrates its activation ranges on; default: "
+                        f"{CALIBRATION_IMAGES}, or every training image where there are fewer")
+    p.add_argument("--seed", type=int, default=0, help="seeds which images calibrate")
+    add_data_flags(p, of_the_run=True)
+    p.add_argument("--batch_size", type=positive_int, default=500,
+                   help="batch size of the validation passes")
+    p.add_argument("--timed_runs", type=positive_int, default=100,
+                   help="timed runs per form and batch size (median and p90 reported)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="threads of PyTorch and ONNX Runtime; default: the CPU's physical cores")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    checkpoint = checkpoint_of(args.checkpoint)
+    model, ckpt = load_model(checkpoint)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EXPORT_DIR)
+    if os.path.exists(out) and not args.overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or another --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    data_dir = args.data_dir or ckpt["config"].get("data_dir") or "./data"
+    test = load_split(data_dir, train=False, download=args.download)
+    calibration = calibration_images(load_split(data_dir, train=True, download=args.download),
+                                     args.calibration_images, args.seed) if args.int8 else None
+    threads = args.threads or physical_cores()
+    model = plain_heads(model.eval())
+    metadata = {"input": "float32 [batch, 3, 32, 32]: RGB pixels / 255, minus mean, over std",
+                "mean": json.dumps(CIFAR100_MEAN), "std": json.dumps(CIFAR100_STD),
+                "classes": json.dumps(test.classes), "checkpoint_sha256": file_sha256(checkpoint)}
+
+    work = tempfile.mkdtemp(prefix="kd-export-")
+    try:
+        record = export_and_check(model, test, calibration, work, metadata, args, threads)
+        record.update({"checkpoint": os.path.basename(checkpoint),
+                       "checkpoint_sha256": metadata["checkpoint_sha256"],
+                       "model": model_name(ckpt["config"]), "epoch": ckpt.get("epoch"),
+                       "data_dir": data_dir, "test_images": len(test)})
+        write_json(os.path.join(work, os.path.basename(EXPORT_FILE)), record)
+        replace_folder(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_record(record, out)
+
+
+def export_and_check(model: nn.Module, test: Split, calibration: np.ndarray | None, work: str,
+                     metadata: dict, args: argparse.Namespace, threads: int) -> dict:
+    """Export (and quantize) into work, validate each form on the test split, time it; the
+    validation.json record."""
+    import onnxruntime as ort
+
+    fp32_path, int8_path = os.path.join(work, FP32_FILE), os.path.join(work, INT8_FILE)
+    print(f"exporting {metadata['checkpoint_sha256'][:12]} to ONNX (opset {OPSET})")
+    export_onnx(model, fp32_path, metadata)
+    if calibration is not None:
+        print(f"quantizing to int8, calibrated on {len(calibration)} training images")
+        quantize_int8(fp32_path, int8_path, calibration, work)
+    loader = DeviceLoader(test, args.batch_size, "cpu", train=False)
+    with torch.inference_mode():
+        reference = predict(model, loader, contextlib.nullcontext)
+    forms = [{"form": "PyTorch eager fp32", "file": None,
+              **compare(reference, reference, test.labels)}]
+    paths = [fp32_path] + [int8_path] * (calibration is not None)
+    sessions = [ort_session(path, threads) for path in paths]
+    print(f"validating on the {len(test)} test images")
+    for path, session in zip(paths, sessions):
+        forms.append({"form": f"ONNX Runtime {'int8' if path == int8_path else 'fp32'}",
+                      "file": os.path.basename(path), "size_bytes": os.path.getsize(path),
+                      **compare(ort_predict(session, loader), reference, test.labels)})
+    check_fp32(forms[1], len(test))
+    if calibration is not None:
+        forms[2]["top1_change_points"] = forms[2]["test_top1"] - forms[1]["test_top1"]
+
+    print(f"timing each form at batch {' and '.join(map(str, LATENCY_BATCHES))}: "
+          f"{args.timed_runs} runs on {threads} threads")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            forms[0]["latency_ms"] = form_latency(model, test, args.timed_runs)
+    finally:
+        torch.set_num_threads(torch_threads)
+    for form, session in zip(forms[1:], sessions):
+        form["latency_ms"] = form_latency(lambda x, s=session: ort_run(s, x), test,
+                                          args.timed_runs)
+    return {"forms": forms,
+            "exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__}",
+            "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+            "calibration": None if calibration is None else {
+                "images": len(calibration), "seed": args.seed, "from": "training split",
+                "method": "MinMax", "format": "QDQ", "weights": "int8 per channel",
+                "activations": "uint8"},
+            "latency": {"cpu": cpu_name(), "threads": threads, "warmup": WARMUP,
+                        "timed_runs": args.timed_runs, "input": "the first test images"}}
+
+
+def check_fp32(form: dict, images: int) -> None:
+    if form["top1_agreement"] < 100 or not form["max_abs_logit_diff"] < MAX_LOGIT_DIFF:
+        raise UserError(f"the ONNX model is not the model: on the {images} test images its "
+                        f"logits differ from PyTorch's by up to {form['max_abs_logit_diff']:.3g} "
+                        f"(bound {MAX_LOGIT_DIFF:g}) and its top-1 agrees on "
+                        f"{form['top1_agreement']:.2f}% of them; nothing written")
+
+
+def replace_folder(source: str, out: str) -> None:
+    """Move source to out; an existing out is removed only once source is in place."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(os.path.abspath(out)))
+        os.replace(out, os.path.join(old, "export"))
+    shutil.move(source, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def print_record(record: dict, out: str) -> None:
+    lat = record["latency"]
+    print(f"\n{record['model']} from {record['checkpoint']} (epoch {record['epoch']}), "
+          f"{record['test_images']} test images; latency on {lat['cpu']}, {lat['threads']} "
+          f"threads, median / p90 of {lat['timed_runs']} runs")
+    header = f"{'form':<20} {'top-1':>7} {'agree':>7} {'max|diff|':>10} {'MB':>6}" + "".join(
+        f" {f'batch {b} (ms)':>16}" for b in LATENCY_BATCHES)
+    print(header)
+    for form in record["forms"]:
+        size = f"{form['size_bytes'] / 1e6:.2f}" if form.get("size_bytes") else "-"
+        times = "".join(f" {t['median']:>7.2f} / {t['p90']:<6.2f}"
+                        for t in form["latency_ms"].values())
+        print(f"{form['form']:<20} {form['test_top1']:>7.2f} {form['top1_agreement']:>7.2f} "
+              f"{form['max_abs_logit_diff']:>10.2e} {size:>6}{times}")
+    print(f"wrote {out}/: {', '.join(sorted(os.listdir(out)))}")
+
+
+if __name__ == "__main__":
+    run_script(main)
