@@ -1,4 +1,6 @@
-"""Model cost: parameters, multiply-accumulates per image and CPU latency at batch 1.
+"""Model cost: parameters, multiply-accumulates per image and CPU latency at batch 1; and the
+deployable forms kd.export measured for a run (PyTorch, ONNX fp32, ONNX int8), read from the
+run's export/validation.json, never re-measured here.
 
 Each model is an untrained instance of a run's architecture fed what training feeds it, a 32 px
 image: the student sees it with its stem, the teacher upsamples it inside the model to its config
@@ -7,6 +9,7 @@ FlopCounterMode's FLOPs / 2. Results are cached per model in a JSON file and reu
 CPU, torch's thread count, the torch version and the number of timed passes stay the same.
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kd.models import build_model, model_name
 from kd.timing import cpu_name, measure as time_call
+from plots.rundata import Run
 from plots.tables import markdown
 
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -92,3 +96,48 @@ def cost_note(repeats: int) -> str:
             f"of {repeats} forward passes after {WARMUP} warm-up passes, batch 1, float32, eval "
             f"mode, torch.inference_mode. MACs per image = FlopCounterMode FLOPs / 2 (the "
             f"teacher's upsampling of the 32 px input is not counted).")
+
+
+DEPLOYED_HEADER = ["run", "form", "test top-1", "agree %", "max abs logit diff", "size (MB)",
+                   "batch 1 (ms)", "batch 64 (ms)"]
+
+
+def deployed_rows(run: Run) -> list[list[str]]:
+    rows = []
+    for form in run.export["forms"]:
+        size = form.get("size_bytes")
+        latency = [form["latency_ms"].get(str(b)) for b in (1, 64)]
+        rows.append([run.label, str(form.get("form")), f"{form.get('test_top1', math.nan):.2f}",
+                     f"{form.get('top1_agreement', math.nan):.2f}",
+                     f"{form.get('max_abs_logit_diff', math.nan):.1e}",
+                     f"{size / 1e6:.2f}" if isinstance(size, int) else "–",
+                     *(f"{t['median']:.2f} / {t['p90']:.2f}" if isinstance(t, dict) else "–"
+                       for t in latency)])
+    return rows
+
+
+def measured_on(record: dict) -> str:
+    lat = record["latency"]
+    return (f"{lat.get('cpu')}, {lat.get('threads')} threads, ONNX Runtime "
+            f"{record.get('onnxruntime')}, median / p90 of {lat.get('timed_runs')} runs after "
+            f"{lat.get('warmup')} warm-up runs")
+
+
+def deployed_section(runs: list[Run]) -> str | None:
+    """results.md's section on each exported run's deployable forms, or None when no run has
+    one: accuracy and latency as kd.export measured and wrote them."""
+    exported = [run for run in runs if run.export is not None]
+    if not exported:
+        return None
+    machines = {measured_on(run.export) for run in exported}
+    where = (f"Measured on {machines.pop()}." if len(machines) == 1 else "Measured on:\n\n" +
+             "\n".join(f"- {run.label}: {measured_on(run.export)}" for run in exported))
+    note = (f"Each run's checkpoint as deployed, measured by `python -m kd.export RUN [--int8]` "
+            f"and read from its `export/validation.json`. Test top-1 on the run's whole test "
+            f"split, computed by PyTorch (float32) and by ONNX Runtime's CPU provider; *agree*: "
+            f"the share of test images whose top-1 equals PyTorch's; *max abs logit diff*: the "
+            f"largest difference from PyTorch's logits. Latency per batch of test images, "
+            f"batch 1 and 64, median / p90 in ms. {where}")
+    return "\n\n".join(["## Deployed forms", note,
+                         markdown(DEPLOYED_HEADER,
+                                  [row for run in exported for row in deployed_rows(run)])])

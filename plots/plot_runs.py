@@ -27,7 +27,7 @@ from kd.errors import UserError, say
 from kd.metrics import ECE_BINS
 from plots.calibration import plot_reliability
 from plots.compare import plot_comparison
-from plots.cost import cost_section, model_costs
+from plots.cost import cost_section, deployed_section, model_costs
 from plots.curves import plot_curves
 from plots.dark_knowledge import TABLE_HEADER, mass_rows, plot_dark_knowledge, teacher_masses
 from plots.groups import Group, group_runs
@@ -73,9 +73,10 @@ def study_sections(paths: list[Path], runs: list[Run], out: Path) -> list[str]:
 
 
 def report(groups: list[Group], costs: dict | None, masses: list[tuple[Run, float, dict]],
-           figures: list[str], skipped: list[str], studies: list[str]) -> str:
+           figures: list[str], skipped: list[str], studies: list[str], deployed: str | None
+           ) -> str:
     """results.md: the results table, what was left out, the study sections, the figures, the
-    dark-knowledge and the model-cost tables."""
+    dark-knowledge and the model-cost tables, and the deployed forms kd.export measured."""
     parts = ["# Results", INTRO, results_table(groups, costs)]
     if skipped:
         parts.append("Left out:\n\n" + "\n".join(f"- {line}" for line in skipped))
@@ -86,6 +87,8 @@ def report(groups: list[Group], costs: dict | None, masses: list[tuple[Run, floa
                   markdown(TABLE_HEADER, mass_rows(masses))]
     if costs:
         parts.append(cost_section(costs))
+    if deployed:
+        parts.append(deployed)
     return "\n\n".join(parts) + "\n"
 
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                             args.latency_runs) if args.cost else None
         figures = write_figures(runs, groups, masses, args.out)
         studies = study_sections(args.runs or [Path("runs")], runs, args.out)
-        text = report(groups, costs, masses, figures, skipped, studies)
+        text = report(groups, costs, masses, figures, skipped, studies, deployed_section(runs))
         (args.out / "results.md").write_text(text)
     except (UserError, OSError) as e:
         say(f"error: {e}")

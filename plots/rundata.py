@@ -1,5 +1,5 @@
-"""Run folders: finding them, naming them, and reading config.json, log.csv, summary.json and the
-test logits in logits_best.pt.
+"""Run folders: finding them, naming them, and reading config.json, log.csv, summary.json, the
+test logits in logits_best.pt and kd.export's export/validation.json.
 
 A problem with one run never stops the report: the run is read as far as it can be, and each
 part left out is named in a line 'what: run (why)'. Only bad arguments raise UserError.
@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kd.checkpoint import file_sha256
 from kd.errors import UserError
 from kd.models import TEACHER_ARCH
-from kd.rundir import is_distilled, settings
+from kd.rundir import EXPORT_FILE, is_distilled, settings
 
 REQUIRED_COLUMNS = ["epoch", "lr", "train_loss", "test_top1", "test_top5", "epoch_time_s"]
 RUN_MARKERS = ("config.json", "log.csv")  # config.json from a run's start, log.csv after epoch 1
@@ -29,6 +30,7 @@ class Run:
     log: pd.DataFrame  # at least one row
     summary: dict | None  # None while the run is unfinished; has integer epochs and best_epoch
     logits: dict | None  # test split of logits_best.pt, all finite; None if missing or unusable
+    export: dict | None = None  # kd.export's validation.json, of the checkpoint the run holds
 
     @property
     def arch(self) -> str:
@@ -163,6 +165,24 @@ def read_test_logits(path: Path) -> tuple[dict | None, str | None]:
     return found, None
 
 
+def read_export(folder: Path) -> tuple[dict | None, str | None]:
+    """(kd.export's validation.json, None) when the run folder has one of the checkpoint it
+    still holds; (None, why) when it cannot be used; (None, None) when there is none."""
+    record, why = read_json(folder / EXPORT_FILE)
+    if record is None:
+        return None, why
+    forms = record.get("forms")
+    if not isinstance(forms, list) or not forms or not isinstance(record.get("latency"), dict) \
+            or not all(isinstance(f, dict) and isinstance(f.get("latency_ms"), dict)
+                       for f in forms):
+        return None, f"{EXPORT_FILE} is not one kd.export wrote"
+    checkpoint = folder / str(record.get("checkpoint"))
+    if not checkpoint.is_file() or file_sha256(str(checkpoint)) != record.get("checkpoint_sha256"):
+        return None, f"{EXPORT_FILE} is of another {checkpoint.name} than the one the folder " \
+                     f"holds now: run python -m kd.export again with --overwrite"
+    return record, None
+
+
 def load_run(folder: Path, label: str) -> tuple[Run | None, list[str]]:
     """The run as far as it can be read (None without a usable log.csv), and what was skipped."""
     skipped = []
@@ -190,11 +210,14 @@ def load_run(folder: Path, label: str) -> tuple[Run | None, list[str]]:
         skip("best epoch taken from log.csv",
              f"summary.json's best epoch {summary['best_epoch']} is not in log.csv")
     logits, why = read_test_logits(folder / "logits_best.pt")
+    export, export_why = read_export(folder)
     run = Run(label=label, folder=folder, config=config or {}, log=log, summary=summary,
-              logits=logits)
+              logits=logits, export=export)
     if why:
         skip("left out of the reliability diagrams" +
              (" and dark knowledge" if run.is_teacher else ""), why)
+    if export_why:
+        skip("left out of the deployed forms", export_why)
     return run, skipped
 
 

@@ -1,0 +1,202 @@
+"""kd.export: a briefly trained student exports to ONNX, ONNX Runtime gives PyTorch's logits, the
+int8 model runs, validation.json holds every field and its numbers are those of the files, and
+the report shows them. Speed figures live in the benchmark, not here."""
+import contextlib
+import csv
+import io
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import kd.export
+from helpers import REPO, TINY_RUN, assert_one_line_error, report
+from kd.data import load_split, normalize
+from kd.models import Float32Linear, build_student, load_model, plain_heads
+from kd.rundir import EXPORT_DIR, EXPORT_FILE
+from kd.timing import Timing, physical_cores
+
+FORMS = ["PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"]
+
+
+@pytest.fixture(scope="module")
+def student_run(fake_data, tmp_path_factory):
+    """train_student.py's run folder after 2 epochs on fake_data, its export/ by
+    `python -m kd.export RUN --int8` with 3 timed runs."""
+    folder = tmp_path_factory.mktemp("export") / "student"
+    train = runpy.run_path(str(REPO / "train_student.py"))["main"]
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(sys, "argv", ["train_student.py", "--out_dir", str(folder), "--data_dir",
+                                 fake_data, *TINY_RUN])
+        train()
+        kd.export.main([str(folder), "--int8", "--timed_runs", "3", "--no-download"])
+    return folder
+
+
+def validation(folder) -> dict:
+    return json.loads((folder / EXPORT_FILE).read_text())
+
+
+def test_export_writes_both_models_and_every_field(student_run):
+    out = student_run / EXPORT_DIR
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_int8.onnx",
+                                                    "validation.json"]
+    record = validation(student_run)
+    assert [form["form"] for form in record["forms"]] == FORMS
+    assert record["checkpoint"] == "best.pt" and record["test_images"] == 100
+    assert record["model"] == "mobilenet_v3_small/cifar-stem@32px"
+    assert record["calibration"]["images"] == 300  # the default 1,024, capped at 300 images
+    assert record["latency"]["timed_runs"] == 3 and record["latency"]["threads"] >= 1
+    for form in record["forms"]:
+        assert 0 <= form["test_top1"] <= 100 and 0 <= form["top1_agreement"] <= 100
+        assert set(form["latency_ms"]) == {"1", "64"}
+        for t in form["latency_ms"].values():
+            assert 0 < t["median"] <= t["p90"]
+        if form["file"]:
+            assert form["size_bytes"] == (out / form["file"]).stat().st_size
+    fp32, int8 = record["forms"][1:]
+    assert fp32["top1_agreement"] == 100 and fp32["max_abs_logit_diff"] < 1e-3
+    assert int8["size_bytes"] < fp32["size_bytes"] / 2
+    assert int8["top1_change_points"] == pytest.approx(int8["test_top1"] - fp32["test_top1"])
+
+
+def test_onnx_logits_are_pytorchs_at_any_batch_size(student_run, fake_data):
+    path = student_run / EXPORT_DIR / "model.onnx"
+    proto = onnx.load(path)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops[-1] == "Gemm" and "Cast" not in ops  # the float32 head is a plain linear layer
+    assert proto.opset_import[0].version == kd.export.OPSET
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["mean"]) == [0.5071, 0.4865, 0.4409] and len(
+        json.loads(meta["classes"])) == 100
+    model, _ = load_model(str(student_run / "best.pt"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = normalize(load_split(fake_data, train=False).images)
+    for batch in (1, 7, 100):
+        with torch.no_grad():
+            expected = model.eval()(images[:batch]).numpy()
+        got = session.run(None, {"images": images[:batch].numpy()})[0]
+        assert got.shape == (batch, 100)
+        assert np.abs(got - expected).max() < 1e-3
+        assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_pytorch_top1_is_the_logged_one_and_int8_top1_is_its_files(student_run, fake_data):
+    record = validation(student_run)
+    best = json.loads((student_run / "summary.json").read_text())["best_epoch"]
+    row = list(csv.DictReader(open(student_run / "log.csv")))[best - 1]
+    assert record["forms"][0]["test_top1"] == pytest.approx(float(row["test_top1"]), abs=5e-3)
+    int8 = ort.InferenceSession(str(student_run / EXPORT_DIR / "model_int8.onnx"),
+                                providers=["CPUExecutionProvider"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {
+        n.op_type for n in onnx.load(student_run / EXPORT_DIR / "model_int8.onnx").graph.node}
+    test = load_split(fake_data, train=False)
+    logits = int8.run(None, {"images": normalize(test.images).numpy()})[0]
+    top1 = 100 * (logits.argmax(1) == test.labels.numpy()).mean()
+    assert record["forms"][2]["test_top1"] == pytest.approx(top1, abs=1e-9)
+
+
+def test_the_report_shows_the_deployed_forms_and_drops_a_stale_export(student_run, tmp_path,
+                                                                      capsys):
+    text = report(student_run, "--out", tmp_path / "plots", "--no-cost")
+    section = text[text.index("## Deployed forms"):]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| student")]
+    for row, form in zip(rows, validation(student_run)["forms"], strict=True):
+        assert row[1] == form["form"] and row[2] == f"{form['test_top1']:.2f}"
+        t = form["latency_ms"]["64"]
+        assert row[7].rstrip(" |") == f"{t['median']:.2f} / {t['p90']:.2f}"
+    assert validation(student_run)["latency"]["cpu"] in section
+
+    copy = tmp_path / "changed"
+    shutil.copytree(student_run, copy)
+    shutil.copy(copy / "last.pt", copy / "best.pt")  # another file than the export's
+    if (copy / "best.pt").read_bytes() == (student_run / "best.pt").read_bytes():
+        torch.save({**torch.load(copy / "best.pt", weights_only=True), "epoch": -1},
+                   copy / "best.pt")
+    text = report(copy, "--out", tmp_path / "plots2", "--no-cost")
+    assert "## Deployed forms" not in text
+    assert "left out of the deployed forms" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in_process):
+    before = (student_run / EXPORT_FILE).read_text()
+    again = in_process(kd.export.main, [student_run, "--timed_runs", "1"])
+    assert_one_line_error(again, "exists", "--overwrite")
+    assert (student_run / EXPORT_FILE).read_text() == before
+    copy = tmp_path / "run"
+    shutil.copytree(student_run, copy)
+    fp32_only = in_process(kd.export.main, [copy, "--overwrite", "--timed_runs", "1"])
+    assert fp32_only.returncode == 0, fp32_only.stderr
+    assert sorted(p.name for p in (copy / EXPORT_DIR).iterdir()) == ["model.onnx",
+                                                                    "validation.json"]
+    assert [form["form"] for form in validation(copy)["forms"]] == FORMS[:2]
+    assert not list(tmp_path.glob(".replaced-*")) and not list(copy.glob(".replaced-*"))
+
+
+def test_an_export_that_differs_from_pytorch_fails_and_writes_nothing(student_run, tmp_path,
+                                                                       in_process, monkeypatch):
+    monkeypatch.setattr(kd.export, "MAX_LOGIT_DIFF", 0.0)  # no float32 export can be that close
+    result = in_process(kd.export.main, [student_run, "--out", tmp_path / "x",
+                                         "--timed_runs", "1"])
+    assert_one_line_error(result, "the ONNX model is not the model", "bound 0",
+                          "nothing written")
+    assert not (tmp_path / "x").exists()
+
+
+def foreign_checkpoints(tmp_path):
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"not a checkpoint")
+    vit = tmp_path / "vit.pt"
+    torch.save({"model": {}, "config": {"arch": "vit_b_16"}}, vit)
+    misfit = tmp_path / "misfit.pt"
+    torch.save({"model": nn.Linear(2, 2).state_dict(),
+                "config": {"arch": "mobilenet_v3_small", "stem": "cifar"}}, misfit)
+    (tmp_path / "empty_run").mkdir()
+    return {"noise": (noise, "not a loadable checkpoint"),
+            "vit": (vit, "names no model this repo builds"),
+            "misfit": (misfit, "does not fit"),
+            "empty_run": (tmp_path / "empty_run", "has no best.pt")}
+
+
+@pytest.mark.parametrize("case", ["noise", "vit", "misfit", "empty_run", "calibration_0",
+                                  "calibration_too_many"])
+def test_bad_input_is_one_line_and_writes_nothing(case, student_run, tmp_path, in_process):
+    out = tmp_path / "out"
+    if case.startswith("calibration"):
+        n, phrase = ("0", "must be >= 1") if case == "calibration_0" else \
+            ("301", "more than the 300 training images")
+        argv = [student_run, "--int8", "--calibration_images", n]
+    else:
+        path, phrase = foreign_checkpoints(tmp_path)[case]
+        argv = [path]
+    result = in_process(kd.export.main, [*argv, "--out", out])
+    assert_one_line_error(result, phrase)
+    assert not out.exists()
+
+
+def test_plain_heads_compute_what_the_float32_heads_do():
+    model = build_student().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        head = model.classifier[-1]
+        plain_heads(model)
+        assert type(model.classifier[-1]) is nn.Linear
+        assert model.classifier[-1].weight is head.weight  # the same tensors, not copies
+        assert not any(isinstance(m, Float32Linear) for m in model.modules())
+        assert torch.equal(model(x), expected)
+
+
+def test_timing_p90_and_cores():
+    timing = Timing(seconds=2.0, first_s=0.0, times=[float(t) for t in range(1, 11)])
+    assert timing.p90_seconds == pytest.approx(9.1)  # 10 values, linear interpolation
+    assert Timing(1.0, 0.0, [1.0]).p90_seconds == 1.0
+    assert 1 <= physical_cores() <= os.cpu_count()
