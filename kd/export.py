@@ -31,8 +31,13 @@ import shutil
 import tempfile
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from kd.checkpoint import file_sha256, write_json
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split, load_split, normalize
@@ -75,29 +80,25 @@ def export_onnx(model: nn.Module, path: str, metadata: dict[str, str]) -> None:
 
 
 def add_metadata(path: str, metadata: dict[str, str]) -> None:
-    import onnx
-
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, path)
     onnx.checker.check_model(path, full_check=True)
 
 
-def ort_session(path: str, threads: int):
-    import onnxruntime as ort
-
+def ort_session(path: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def ort_run(session, images: torch.Tensor) -> np.ndarray:
+def ort_run(session: ort.InferenceSession, images: torch.Tensor) -> np.ndarray:
     """The session's logits for a batch of CPU images (any memory format)."""
     return session.run([OUTPUT], {INPUT: np.ascontiguousarray(images.numpy())})[0]
 
 
-def ort_predict(session, loader: DeviceLoader) -> torch.Tensor:
+def ort_predict(session: ort.InferenceSession, loader: DeviceLoader) -> torch.Tensor:
     """Logits [N, classes] of every image of the (CPU, eval-mode) loader, in order."""
     return torch.cat([torch.from_numpy(ort_run(session, images)) for images, _, _ in loader])
 
@@ -125,10 +126,6 @@ def calibration_images(train: Split, n: int | None, seed: int) -> np.ndarray:
 def quantize_int8(fp32_path: str, int8_path: str, images: np.ndarray, work_dir: str) -> None:
     """ONNX Runtime static quantization: pre-processing (shape inference, graph optimisation),
     then QDQ with per-channel int8 weights and uint8 activations, ranges from the images."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     class Batches(CalibrationDataReader):
         def __init__(self):
             self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
@@ -143,7 +140,6 @@ def quantize_int8(fp32_path: str, int8_path: str, images: np.ndarray, work_dir: 
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     os.remove(prepared)
-    import onnx
     onnx.checker.check_model(int8_path, full_check=True)
 
 
@@ -188,10 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = checkpoint_of(args.checkpoint)
     model, ckpt = load_model(checkpoint)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EXPORT_DIR)
-    if os.path.exists(out) and not args.overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    check_out(out, args.overwrite)
     data_dir = args.data_dir or ckpt["config"].get("data_dir") or "./data"
     test = load_split(data_dir, train=False, download=args.download)
     calibration = calibration_images(load_split(data_dir, train=True, download=args.download),
@@ -216,14 +209,27 @@ def main(argv: list[str] | None = None) -> None:
     print_record(record, out)
 
 
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuse an --out that exists, unless --overwrite is given and it holds only what kd.export
+    writes (so a run folder, or a folder of runs, is never replaced)."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    if not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or another --out")
+    foreign = sorted(set(os.listdir(out)) - {FP32_FILE, INT8_FILE, os.path.basename(EXPORT_FILE)})
+    if foreign:
+        raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which kd.export did not "
+                        f"write; --overwrite replaces only an export folder: pick another --out")
+
+
 def export_and_check(model: nn.Module, test: Split, calibration: np.ndarray | None, work: str,
                      metadata: dict, args: argparse.Namespace, threads: int) -> dict:
     """Export (and quantize) into work, validate each form on the test split, time it; the
     validation.json record."""
-    import onnxruntime as ort
-
     fp32_path, int8_path = os.path.join(work, FP32_FILE), os.path.join(work, INT8_FILE)
-    print(f"exporting {metadata['checkpoint_sha256'][:12]} to ONNX (opset {OPSET})")
+    print(f"exporting to ONNX (opset {OPSET})")
     export_onnx(model, fp32_path, metadata)
     if calibration is not None:
         print(f"quantizing to int8, calibrated on {len(calibration)} training images")
@@ -276,15 +282,22 @@ def check_fp32(form: dict, images: int) -> None:
 
 
 def replace_folder(source: str, out: str) -> None:
-    """Move source to out; an existing out is removed only once source is in place."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(os.path.abspath(out)))
-        os.replace(out, os.path.join(old, "export"))
-    shutil.move(source, out)
-    if old:
-        shutil.rmtree(old)
+    """Move source to out; an existing out is deleted only once source is in its place."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    if not os.path.exists(out):
+        shutil.move(source, out)
+        return
+    old = os.path.join(tempfile.mkdtemp(prefix=".replaced-", dir=parent), "export")
+    os.replace(out, old)
+    try:
+        shutil.move(source, out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # what a copy across file systems got to
+        os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(os.path.dirname(old))
 
 
 def print_record(record: dict, out: str) -> None:

@@ -141,6 +141,13 @@ def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in
     assert not list(tmp_path.glob(".replaced-*")) and not list(copy.glob(".replaced-*"))
 
 
+def test_overwrite_never_replaces_a_run_folder(student_run, in_process):
+    files = sorted(p.name for p in student_run.iterdir())
+    result = in_process(kd.export.main, [student_run, "--out", student_run, "--overwrite"])
+    assert_one_line_error(result, "kd.export did not write", "pick another --out")
+    assert sorted(p.name for p in student_run.iterdir()) == files
+
+
 def test_an_export_that_differs_from_pytorch_fails_and_writes_nothing(student_run, tmp_path,
                                                                        in_process, monkeypatch):
     monkeypatch.setattr(kd.export, "MAX_LOGIT_DIFF", 0.0)  # no float32 export can be that close
