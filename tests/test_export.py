@@ -126,7 +126,16 @@ def test_the_report_shows_the_deployed_forms_and_drops_a_stale_export(student_ru
     assert "left out of the deployed forms" in capsys.readouterr().err
 
 
-def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in_process):
+@pytest.fixture
+def reexport(student_run, monkeypatch):
+    """kd.export with the fixture's model.onnx copied in place of a new export (seconds of
+    torch.export each), for the tests of what happens around the export."""
+    monkeypatch.setattr(kd.export, "export_onnx", lambda model, path, metadata: shutil.copy(
+        student_run / EXPORT_DIR / "model.onnx", path))
+
+
+def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in_process,
+                                                       reexport):
     before = (student_run / EXPORT_FILE).read_text()
     again = in_process(kd.export.main, [student_run, "--timed_runs", "1"])
     assert_one_line_error(again, "exists", "--overwrite")
@@ -149,7 +158,8 @@ def test_overwrite_never_replaces_a_run_folder(student_run, in_process):
 
 
 def test_an_export_that_differs_from_pytorch_fails_and_writes_nothing(student_run, tmp_path,
-                                                                       in_process, monkeypatch):
+                                                                       in_process, monkeypatch,
+                                                                       reexport):
     monkeypatch.setattr(kd.export, "MAX_LOGIT_DIFF", 0.0)  # no float32 export can be that close
     result = in_process(kd.export.main, [student_run, "--out", tmp_path / "x",
                                          "--timed_runs", "1"])
