@@ -21,7 +21,7 @@ def atomic_write(path: str, write: Callable) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -45,7 +45,8 @@ def atomic_write(path: str, write: Callable) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it, then set back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

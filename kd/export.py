@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -39,12 +40,12 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from kd.checkpoint import file_sha256, write_json
+from kd.checkpoint import current_umask, file_sha256, write_json
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, DeviceLoader, Split, load_split, normalize
 from kd.errors import UserError, run_script
 from kd.flags import HelpFormatter, Parser, add_data_flags, number, positive_int
 from kd.models import load_model, model_name, plain_heads
-from kd.rundir import EXPORT_DIR, EXPORT_FILE
+from kd.rundir import EXPORT_DIR, VALIDATION_FILE
 from kd.timing import cpu_name, measure, physical_cores
 from kd.train import predict
 
@@ -80,6 +81,7 @@ def export_onnx(model: nn.Module, path: str, metadata: dict[str, str]) -> None:
 
 
 def add_metadata(path: str, metadata: dict[str, str]) -> None:
+    """Write metadata into the ONNX file's properties, then check the whole model."""
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, path)
@@ -143,12 +145,13 @@ def quantize_int8(fp32_path: str, int8_path: str, images: np.ndarray, work_dir: 
     onnx.checker.check_model(int8_path, full_check=True)
 
 
-def latency_ms(call, timed_runs: int) -> dict:
+def latency_ms(call: Callable[[], object], timed_runs: int) -> dict:
+    """{'median', 'p90'} milliseconds per call over timed_runs calls, after WARMUP calls."""
     timing = measure(call, warmup=WARMUP, repeats=timed_runs)
     return {"median": 1000 * timing.seconds, "p90": 1000 * timing.p90_seconds}
 
 
-def form_latency(forward, test: Split, timed_runs: int) -> dict:
+def form_latency(forward: Callable[[torch.Tensor], object], test: Split, timed_runs: int) -> dict:
     """{batch size: {'median', 'p90'} in ms} of forward on the first test images."""
     return {str(b): latency_ms(lambda x=normalize(test.images[:b]): forward(x), timed_runs)
             for b in LATENCY_BATCHES if b <= len(test)}
@@ -181,29 +184,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.calibration_images is not None and not args.int8:
+        raise UserError("--calibration_images is read only with --int8")
     checkpoint = checkpoint_of(args.checkpoint)
+    sha256 = file_sha256(checkpoint)
     model, ckpt = load_model(checkpoint)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), EXPORT_DIR)
+    if file_sha256(checkpoint) != sha256:
+        raise UserError(f"{checkpoint} changed while it was read (a run writing it?); export it "
+                        f"once the run has written it")
+    out = os.path.abspath(args.out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
+                                                   EXPORT_DIR))
     check_out(out, args.overwrite)
     data_dir = args.data_dir or ckpt["config"].get("data_dir") or "./data"
     test = load_split(data_dir, train=False, download=args.download)
     calibration = calibration_images(load_split(data_dir, train=True, download=args.download),
                                      args.calibration_images, args.seed) if args.int8 else None
-    threads = args.threads or physical_cores()
     model = plain_heads(model.eval())
     metadata = {"input": "float32 [batch, 3, 32, 32]: RGB pixels / 255, minus mean, over std",
                 "mean": json.dumps(CIFAR100_MEAN), "std": json.dumps(CIFAR100_STD),
-                "classes": json.dumps(test.classes), "checkpoint_sha256": file_sha256(checkpoint)}
+                "classes": json.dumps(test.classes), "checkpoint_sha256": sha256}
 
-    work = tempfile.mkdtemp(prefix="kd-export-")
+    work = work_folder(out)
     try:
-        record = export_and_check(model, test, calibration, work, metadata, args, threads)
-        record.update({"checkpoint": os.path.basename(checkpoint),
-                       "checkpoint_sha256": metadata["checkpoint_sha256"],
+        record = export_and_check(model, test, calibration, work, metadata,
+                                  threads=args.threads or physical_cores(),
+                                  timed_runs=args.timed_runs, batch_size=args.batch_size)
+        record.update({"checkpoint": os.path.basename(checkpoint), "checkpoint_sha256": sha256,
                        "model": model_name(ckpt["config"]), "epoch": ckpt.get("epoch"),
-                       "data_dir": data_dir, "test_images": len(test)})
-        write_json(os.path.join(work, os.path.basename(EXPORT_FILE)), record)
+                       "data_dir": data_dir, "test_images": len(test),
+                       "calibration": None if calibration is None else {
+                           "images": len(calibration), "seed": args.seed, "from": "training split",
+                           "method": "MinMax", "format": "QDQ", "weights": "int8 per channel",
+                           "activations": "uint8"}})
+        write_json(os.path.join(work, VALIDATION_FILE), record)
+        check_out(out, args.overwrite)  # again: an --out made meanwhile is not replaced unasked
         replace_folder(work, out)
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_record(record, out)
@@ -211,69 +228,92 @@ def main(argv: list[str] | None = None) -> None:
 
 def check_out(out: str, overwrite: bool) -> None:
     """Refuse an --out that exists, unless --overwrite is given and it holds only what kd.export
-    writes (so a run folder, or a folder of runs, is never replaced)."""
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
+    writes (so a run folder, or a folder of runs, is never replaced); refuse one that cannot be
+    made."""
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder; pick another --out")
-    if not overwrite:
+    if os.path.exists(out) and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it, or another --out")
-    foreign = sorted(set(os.listdir(out)) - {FP32_FILE, INT8_FILE, os.path.basename(EXPORT_FILE)})
-    if foreign:
-        raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which kd.export did not "
-                        f"write; --overwrite replaces only an export folder: pick another --out")
+    if os.path.exists(out):
+        foreign = sorted(set(os.listdir(out)) - {FP32_FILE, INT8_FILE, VALIDATION_FILE})
+        if foreign:
+            raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which kd.export did "
+                            f"not write; --overwrite replaces only an export folder: pick "
+                            f"another --out")
+    ancestor = existing_ancestor(out)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is a file" if not os.path.isdir(ancestor) else "is not writable"
+        raise UserError(f"--out {out}: {ancestor} {why}; pick another --out")
+
+
+def existing_ancestor(path: str) -> str:
+    """path's nearest ancestor that exists (a folder, or a file in the way)."""
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return ancestor
+
+
+def work_folder(out: str) -> str:
+    """An empty folder in out's nearest existing ancestor, where the export is made before it is
+    renamed to out (one rename on one file system), with the permissions that the umask gives a
+    new folder (mkdtemp's 0700 would hide the export from the group)."""
+    work = tempfile.mkdtemp(prefix=".kd-export-", dir=existing_ancestor(out))
+    os.chmod(work, 0o777 & ~current_umask())
+    return work
 
 
 def export_and_check(model: nn.Module, test: Split, calibration: np.ndarray | None, work: str,
-                     metadata: dict, args: argparse.Namespace, threads: int) -> dict:
-    """Export (and quantize) into work, validate each form on the test split, time it; the
-    validation.json record."""
+                     metadata: dict, *, threads: int, timed_runs: int, batch_size: int) -> dict:
+    """Export (and, given calibration images, quantize) into work, validate each form on the
+    test split and time it: validation.json's forms, exporter and latency method."""
     fp32_path, int8_path = os.path.join(work, FP32_FILE), os.path.join(work, INT8_FILE)
     print(f"exporting to ONNX (opset {OPSET})")
     export_onnx(model, fp32_path, metadata)
     if calibration is not None:
         print(f"quantizing to int8, calibrated on {len(calibration)} training images")
         quantize_int8(fp32_path, int8_path, calibration, work)
-    loader = DeviceLoader(test, args.batch_size, "cpu", train=False)
+    loader = DeviceLoader(test, batch_size, "cpu", train=False)
     with torch.inference_mode():
         reference = predict(model, loader, contextlib.nullcontext)
-    forms = [{"form": "PyTorch eager fp32", "file": None,
-              **compare(reference, reference, test.labels)}]
-    paths = [fp32_path] + [int8_path] * (calibration is not None)
-    sessions = [ort_session(path, threads) for path in paths]
+    pytorch = {"form": "PyTorch eager fp32", "file": None,
+               **compare(reference, reference, test.labels)}
     print(f"validating on the {len(test)} test images")
-    for path, session in zip(paths, sessions):
-        forms.append({"form": f"ONNX Runtime {'int8' if path == int8_path else 'fp32'}",
-                      "file": os.path.basename(path), "size_bytes": os.path.getsize(path),
-                      **compare(ort_predict(session, loader), reference, test.labels)})
-    check_fp32(forms[1], len(test))
+
+    def onnx_form(name: str, path: str) -> tuple[dict, ort.InferenceSession]:
+        session = ort_session(path, threads)
+        return {"form": name, "file": os.path.basename(path), "size_bytes": os.path.getsize(path),
+                **compare(ort_predict(session, loader), reference, test.labels)}, session
+
+    onnx_forms = [onnx_form("ONNX Runtime fp32", fp32_path)]
+    fp32 = onnx_forms[0][0]
+    check_fp32(fp32, len(test))
     if calibration is not None:
-        forms[2]["top1_change_points"] = forms[2]["test_top1"] - forms[1]["test_top1"]
+        onnx_forms.append(onnx_form("ONNX Runtime int8", int8_path))
+        int8 = onnx_forms[1][0]
+        int8["top1_change_points"] = int8["test_top1"] - fp32["test_top1"]
 
     print(f"timing each form at batch {' and '.join(map(str, LATENCY_BATCHES))}: "
-          f"{args.timed_runs} runs on {threads} threads")
+          f"{timed_runs} runs on {threads} threads")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            forms[0]["latency_ms"] = form_latency(model, test, args.timed_runs)
+            pytorch["latency_ms"] = form_latency(model, test, timed_runs)
     finally:
         torch.set_num_threads(torch_threads)
-    for form, session in zip(forms[1:], sessions):
-        form["latency_ms"] = form_latency(lambda x, s=session: ort_run(s, x), test,
-                                          args.timed_runs)
-    return {"forms": forms,
+    for form, session in onnx_forms:
+        form["latency_ms"] = form_latency(lambda x, s=session: ort_run(s, x), test, timed_runs)
+    return {"forms": [pytorch, *(form for form, _ in onnx_forms)],
             "exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}, torch {torch.__version__}",
             "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
-            "calibration": None if calibration is None else {
-                "images": len(calibration), "seed": args.seed, "from": "training split",
-                "method": "MinMax", "format": "QDQ", "weights": "int8 per channel",
-                "activations": "uint8"},
             "latency": {"cpu": cpu_name(), "threads": threads, "warmup": WARMUP,
-                        "timed_runs": args.timed_runs, "input": "the first test images"}}
+                        "timed_runs": timed_runs, "input": "the first test images"}}
 
 
 def check_fp32(form: dict, images: int) -> None:
+    """Refuse an fp32 export whose top-1 disagrees with PyTorch's on any test image, or whose
+    logits differ from PyTorch's by MAX_LOGIT_DIFF or more."""
     if form["top1_agreement"] < 100 or not form["max_abs_logit_diff"] < MAX_LOGIT_DIFF:
         raise UserError(f"the ONNX model is not the model: on the {images} test images its "
                         f"logits differ from PyTorch's by up to {form['max_abs_logit_diff']:.3g} "
@@ -282,25 +322,26 @@ def check_fp32(form: dict, images: int) -> None:
 
 
 def replace_folder(source: str, out: str) -> None:
-    """Move source to out; an existing out is deleted only once source is in its place."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
+    """Rename source to out; an existing out is deleted only once source is in its place, and
+    put back if that fails."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     if not os.path.exists(out):
-        shutil.move(source, out)
+        os.replace(source, out)
         return
-    old = os.path.join(tempfile.mkdtemp(prefix=".replaced-", dir=parent), "export")
+    holder = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(out))
+    old = os.path.join(holder, "export")
     os.replace(out, old)
     try:
-        shutil.move(source, out)
+        os.replace(source, out)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # what a copy across file systems got to
         os.replace(old, out)
+        os.rmdir(holder)
         raise
-    finally:
-        shutil.rmtree(os.path.dirname(old))
+    shutil.rmtree(holder)
 
 
 def print_record(record: dict, out: str) -> None:
+    """validation.json as a table, as the report shows it."""
     lat = record["latency"]
     print(f"\n{record['model']} from {record['checkpoint']} (epoch {record['epoch']}), "
           f"{record['test_images']} test images; latency on {lat['cpu']}, {lat['threads']} "
@@ -313,7 +354,7 @@ def print_record(record: dict, out: str) -> None:
         times = "".join(f" {t['median']:>7.2f} / {t['p90']:<6.2f}"
                         for t in form["latency_ms"].values())
         print(f"{form['form']:<20} {form['test_top1']:>7.2f} {form['top1_agreement']:>7.2f} "
-              f"{form['max_abs_logit_diff']:>10.2e} {size:>6}{times}")
+              f"{form['max_abs_logit_diff']:>10.1e} {size:>6}{times}")
     print(f"wrote {out}/: {', '.join(sorted(os.listdir(out)))}")
 
 

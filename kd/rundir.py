@@ -21,7 +21,8 @@ from kd.models import TEACHER_ARCH
 
 STUDY_FILE = "study.json"  # marks a study folder (study.py's --out_dir) and records its commands
 EXPORT_DIR = "export"  # kd.export's default --out inside a run folder, where the report looks
-EXPORT_FILE = os.path.join(EXPORT_DIR, "validation.json")
+VALIDATION_FILE = "validation.json"  # kd.export's record of what it exported and measured
+EXPORT_FILE = os.path.join(EXPORT_DIR, VALIDATION_FILE)
 RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "logits_last.pt",
              "logits_best.pt")
 # Config keys that record where and how a run executed, not what it computed: they may change on

@@ -20,19 +20,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on: distinct (package, core) pairs in /proc/cpuinfo,
-    capped by the CPU affinity; os.cpu_count() where /proc/cpuinfo does not tell."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores, package = set(), None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                package = value.strip()
-            elif key.strip() == "core id":
-                cores.add((package, value.strip()))
-    return max(1, min(len(cores) or allowed or 1, allowed or 1))
+def physical_cores(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """Physical cores among the CPUs this process may run on: the distinct (physical id, core
+    id) pairs of its allowed processors in cpuinfo, so two hyperthreads of one core count once;
+    the number of allowed CPUs where cpuinfo does not tell."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else \
+        set(range(os.cpu_count() or 1))
+    cores = set()
+    with contextlib.suppress(OSError), open(cpuinfo) as f:
+        for block in f.read().split("\n\n"):
+            fields = {key.strip(): value.strip() for key, _, value in
+                      (line.partition(":") for line in block.splitlines())}
+            processor = fields.get("processor", "")
+            if processor.isdigit() and int(processor) in allowed and "core id" in fields:
+                cores.add((fields.get("physical id"), fields["core id"]))
+    return len(cores) or len(allowed) or 1
 
 
 def device_name(device: torch.device) -> str:

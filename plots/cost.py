@@ -9,7 +9,6 @@ FlopCounterMode's FLOPs / 2. Results are cached per model in a JSON file and reu
 CPU, torch's thread count, the torch version and the number of timed passes stay the same.
 """
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -79,9 +78,10 @@ def model_costs(configs: list[dict], cache_path: Path, repeats: int) -> dict[str
 
 
 def cost_section(costs: dict[str, dict]) -> str:
-    """results.md's model-cost section, for costs measured with one number of timed passes."""
+    """results.md's model-cost table with its note, for costs measured with one number of timed
+    passes."""
     repeats = next(iter(costs.values()))["repeats"]
-    return "\n\n".join(["## Model cost", cost_note(repeats),
+    return "\n\n".join([cost_note(repeats),
                         markdown(COST_HEADER, cost_rows(costs))])
 
 
@@ -98,21 +98,26 @@ def cost_note(repeats: int) -> str:
             f"teacher's upsampling of the 32 px input is not counted).")
 
 
-DEPLOYED_HEADER = ["run", "form", "test top-1", "agree %", "max abs logit diff", "size (MB)",
-                   "batch 1 (ms)", "batch 64 (ms)"]
+DEPLOYED_HEADER = ["run", "checkpoint", "form", "test top-1", "agree %", "max abs logit diff",
+                   "size (MB)"]
 
 
-def deployed_rows(run: Run) -> list[list[str]]:
-    rows = []
-    for form in run.export["forms"]:
+def batch_sizes(runs: list[Run]) -> list[str]:
+    """The batch sizes any export was timed at, in increasing order."""
+    return sorted({b for run in runs for form in run.export["forms"] for b in form["latency_ms"]},
+                  key=lambda b: (len(b), b))
+
+
+def deployed_rows(run: Run, batches: list[str]) -> list[list[str]]:
+    record, rows = run.export, []
+    checkpoint = f"{record.get('checkpoint')}, epoch {record.get('epoch')}"
+    for form in record["forms"]:
         size = form.get("size_bytes")
-        latency = [form["latency_ms"].get(str(b)) for b in (1, 64)]
-        rows.append([run.label, str(form.get("form")), f"{form.get('test_top1', math.nan):.2f}",
-                     f"{form.get('top1_agreement', math.nan):.2f}",
-                     f"{form.get('max_abs_logit_diff', math.nan):.1e}",
+        rows.append([run.label, checkpoint, form["form"], f"{form['test_top1']:.2f}",
+                     f"{form['top1_agreement']:.2f}", f"{form['max_abs_logit_diff']:.1e}",
                      f"{size / 1e6:.2f}" if isinstance(size, int) else "–",
-                     *(f"{t['median']:.2f} / {t['p90']:.2f}" if isinstance(t, dict) else "–"
-                       for t in latency)])
+                     *(f"{t['median']:.2f} / {t['p90']:.2f}" if t else "–"
+                       for t in (form["latency_ms"].get(b) for b in batches))])
     return rows
 
 
@@ -124,7 +129,7 @@ def measured_on(record: dict) -> str:
 
 
 def deployed_section(runs: list[Run]) -> str | None:
-    """results.md's section on each exported run's deployable forms, or None when no run has
+    """results.md's table of each exported run's deployable forms, or None when no run has
     one: accuracy and latency as kd.export measured and wrote them."""
     exported = [run for run in runs if run.export is not None]
     if not exported:
@@ -132,12 +137,14 @@ def deployed_section(runs: list[Run]) -> str | None:
     machines = {measured_on(run.export) for run in exported}
     where = (f"Measured on {machines.pop()}." if len(machines) == 1 else "Measured on:\n\n" +
              "\n".join(f"- {run.label}: {measured_on(run.export)}" for run in exported))
-    note = (f"Each run's checkpoint as deployed, measured by `python -m kd.export RUN [--int8]` "
-            f"and read from its `export/validation.json`. Test top-1 on the run's whole test "
-            f"split, computed by PyTorch (float32) and by ONNX Runtime's CPU provider; *agree*: "
-            f"the share of test images whose top-1 equals PyTorch's; *max abs logit diff*: the "
-            f"largest difference from PyTorch's logits. Latency per batch of test images, "
-            f"batch 1 and 64, median / p90 in ms. {where}")
-    return "\n\n".join(["## Deployed forms", note,
-                         markdown(DEPLOYED_HEADER,
-                                  [row for run in exported for row in deployed_rows(run)])])
+    note = (f"Each exported run's checkpoint as deployed, measured by `python -m kd.export RUN "
+            f"[--int8]` and read from its `export/validation.json`. Test top-1 on the run's whole "
+            f"test split, computed by PyTorch (float32) and by ONNX Runtime's CPU provider; "
+            f"*agree*: the share of test images whose top-1 equals PyTorch's; *max abs logit "
+            f"diff*: the largest difference from PyTorch's logits. Latency per batch of test "
+            f"images, median / p90 in ms, every form timed alike (so PyTorch's here can differ "
+            f"from the table above, timed on an untrained model with torch's threads). {where}")
+    batches = batch_sizes(exported)
+    rows = [row for run in exported for row in deployed_rows(run, batches)]
+    return "\n\n".join(["### Deployed forms", note,
+                         markdown(DEPLOYED_HEADER + [f"batch {b} (ms)" for b in batches], rows)])

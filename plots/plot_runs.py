@@ -85,6 +85,8 @@ def report(groups: list[Group], costs: dict | None, masses: list[tuple[Run, floa
     if masses:
         parts += ["## Dark knowledge of the teacher", DARK_INTRO,
                   markdown(TABLE_HEADER, mass_rows(masses))]
+    if costs or deployed:
+        parts.append("## Model cost")
     if costs:
         parts.append(cost_section(costs))
     if deployed:

@@ -165,17 +165,29 @@ def read_test_logits(path: Path) -> tuple[dict | None, str | None]:
     return found, None
 
 
+def is_export_record(record: dict) -> bool:
+    """Whether record has every field of kd.export's validation.json the report shows."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    forms = record.get("forms")
+    return isinstance(forms, list) and bool(forms) and isinstance(record.get("latency"), dict) \
+        and all(isinstance(form, dict) and isinstance(form.get("form"), str)
+                and all(number(form.get(k))
+                        for k in ("test_top1", "top1_agreement", "max_abs_logit_diff"))
+                and isinstance(form.get("latency_ms"), dict) and bool(form["latency_ms"])
+                and all(isinstance(t, dict) and number(t.get("median")) and number(t.get("p90"))
+                        for t in form["latency_ms"].values())
+                for form in forms)
+
+
 def read_export(folder: Path) -> tuple[dict | None, str | None]:
     """(kd.export's validation.json, None) when the run folder has one of the checkpoint it
     still holds; (None, why) when it cannot be used; (None, None) when there is none."""
     record, why = read_json(folder / EXPORT_FILE)
     if record is None:
         return None, why
-    forms = record.get("forms")
-    if not isinstance(forms, list) or not forms or not isinstance(record.get("latency"), dict) \
-            or not all(isinstance(f, dict) and isinstance(f.get("latency_ms"), dict)
-                       for f in forms):
-        return None, f"{EXPORT_FILE} is not one kd.export wrote"
+    if not is_export_record(record):
+        return None, f"{EXPORT_FILE} lacks what kd.export writes (forms with top-1, agreement, " \
+                     f"logit difference and latencies; the latency method)"
     checkpoint = folder / str(record.get("checkpoint"))
     if not checkpoint.is_file() or file_sha256(str(checkpoint)) != record.get("checkpoint_sha256"):
         return None, f"{EXPORT_FILE} is of another {checkpoint.name} than the one the folder " \

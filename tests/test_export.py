@@ -41,6 +41,27 @@ def student_run(fake_data, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def varied_export(student_run, fake_data, tmp_path_factory):
+    """The fixture's student with its BatchNorm statistics measured on the training images and
+    its head scaled to a trained model's logit scale, exported with kd.export: the briefly
+    trained student predicts one class for every image (MobileNetV3's BatchNorm momentum is
+    0.01), which would make the ONNX-PyTorch comparison one of near-constant logits."""
+    folder = tmp_path_factory.mktemp("varied")
+    model, ckpt = load_model(str(student_run / "best.pt"))
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over the forward below
+    with torch.no_grad():
+        model.train()(normalize(load_split(fake_data, train=True).images))
+        model.classifier[-1].weight *= 300
+    torch.save({**ckpt, "model": model.state_dict()}, folder / "varied.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        kd.export.main([str(folder / "varied.pt"), "--timed_runs", "1", "--no-download"])
+    return folder
+
+
 def validation(folder) -> dict:
     return json.loads((folder / EXPORT_FILE).read_text())
 
@@ -68,8 +89,11 @@ def test_export_writes_both_models_and_every_field(student_run):
     assert int8["top1_change_points"] == pytest.approx(int8["test_top1"] - fp32["test_top1"])
 
 
-def test_onnx_logits_are_pytorchs_at_any_batch_size(student_run, fake_data):
-    path = student_run / EXPORT_DIR / "model.onnx"
+@pytest.mark.parametrize("checkpoint", ["best.pt", "varied.pt"])
+def test_onnx_logits_are_pytorchs_at_any_batch_size(checkpoint, student_run, varied_export,
+                                                     fake_data):
+    folder = student_run if checkpoint == "best.pt" else varied_export
+    path = folder / EXPORT_DIR / "model.onnx"
     proto = onnx.load(path)
     ops = [node.op_type for node in proto.graph.node]
     assert ops[-1] == "Gemm" and "Cast" not in ops  # the float32 head is a plain linear layer
@@ -77,9 +101,15 @@ def test_onnx_logits_are_pytorchs_at_any_batch_size(student_run, fake_data):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["mean"]) == [0.5071, 0.4865, 0.4409] and len(
         json.loads(meta["classes"])) == 100
-    model, _ = load_model(str(student_run / "best.pt"))
+    model, _ = load_model(str(folder / checkpoint))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = normalize(load_split(fake_data, train=False).images)
+    if checkpoint == "varied.pt":
+        with torch.no_grad():
+            logits = model.eval()(images)
+        assert logits.std(0).mean() > 1 and len(logits.argmax(1).unique()) > 10
+        fp32 = validation(folder)["forms"][1]
+        assert fp32["top1_agreement"] == 100 and 1e-7 < fp32["max_abs_logit_diff"] < 1e-3
     for batch in (1, 7, 100):
         with torch.no_grad():
             expected = model.eval()(images[:batch]).numpy()
@@ -107,12 +137,15 @@ def test_pytorch_top1_is_the_logged_one_and_int8_top1_is_its_files(student_run, 
 def test_the_report_shows_the_deployed_forms_and_drops_a_stale_export(student_run, tmp_path,
                                                                       capsys):
     text = report(student_run, "--out", tmp_path / "plots", "--no-cost")
-    section = text[text.index("## Deployed forms"):]
+    section = text[text.index("### Deployed forms"):]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| student")]
     for row, form in zip(rows, validation(student_run)["forms"], strict=True):
-        assert row[1] == form["form"] and row[2] == f"{form['test_top1']:.2f}"
+        assert row[1] == f"best.pt, epoch {validation(student_run)['epoch']}"
+        assert row[2] == form["form"]
+        assert row[3] == f"{form['test_top1']:.2f}"
+        assert row[5] == f"{form['max_abs_logit_diff']:.1e}"
         t = form["latency_ms"]["64"]
-        assert row[7].rstrip(" |") == f"{t['median']:.2f} / {t['p90']:.2f}"
+        assert row[8].rstrip(" |") == f"{t['median']:.2f} / {t['p90']:.2f}"
     assert validation(student_run)["latency"]["cpu"] in section
 
     copy = tmp_path / "changed"
@@ -122,16 +155,27 @@ def test_the_report_shows_the_deployed_forms_and_drops_a_stale_export(student_ru
         torch.save({**torch.load(copy / "best.pt", weights_only=True), "epoch": -1},
                    copy / "best.pt")
     text = report(copy, "--out", tmp_path / "plots2", "--no-cost")
-    assert "## Deployed forms" not in text
+    assert "Deployed forms" not in text
     assert "left out of the deployed forms" in capsys.readouterr().err
+
+    shutil.copy(student_run / "best.pt", copy / "best.pt")
+    record = validation(copy)
+    record["forms"][1]["latency_ms"]["64"] = {"median": None}  # a hand-edited file
+    (copy / EXPORT_FILE).write_text(json.dumps(record))
+    text = report(copy, "--out", tmp_path / "plots3", "--no-cost")
+    assert "Deployed forms" not in text and "lacks what kd.export writes" in text
 
 
 @pytest.fixture
 def reexport(student_run, monkeypatch):
     """kd.export with the fixture's model.onnx copied in place of a new export (seconds of
-    torch.export each), for the tests of what happens around the export."""
-    monkeypatch.setattr(kd.export, "export_onnx", lambda model, path, metadata: shutil.copy(
-        student_run / EXPORT_DIR / "model.onnx", path))
+    torch.export each), for the tests of what happens around the export; checks that what
+    would be exported has plain linear heads."""
+    def copy_export(model, path, metadata):
+        assert not any(isinstance(m, Float32Linear) for m in model.modules())
+        assert any(type(m) is nn.Linear for m in model.modules())
+        shutil.copy(student_run / EXPORT_DIR / "model.onnx", path)
+    monkeypatch.setattr(kd.export, "export_onnx", copy_export)
 
 
 def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in_process,
@@ -142,12 +186,36 @@ def test_overwrite_replaces_the_export_only_when_asked(student_run, tmp_path, in
     assert (student_run / EXPORT_FILE).read_text() == before
     copy = tmp_path / "run"
     shutil.copytree(student_run, copy)
-    fp32_only = in_process(kd.export.main, [copy, "--overwrite", "--timed_runs", "1"])
+    threads = torch.get_num_threads()
+    fp32_only = in_process(kd.export.main, [copy, "--overwrite", "--timed_runs", "1",
+                                            "--threads", "1"])
     assert fp32_only.returncode == 0, fp32_only.stderr
+    assert torch.get_num_threads() == threads
+    assert validation(copy)["latency"]["threads"] == 1
     assert sorted(p.name for p in (copy / EXPORT_DIR).iterdir()) == ["model.onnx",
                                                                     "validation.json"]
     assert [form["form"] for form in validation(copy)["forms"]] == FORMS[:2]
     assert not list(tmp_path.glob(".replaced-*")) and not list(copy.glob(".replaced-*"))
+
+
+def test_a_failed_replace_puts_the_old_export_back(student_run, tmp_path, in_process,
+                                                  monkeypatch, reexport):
+    copy = tmp_path / "run"
+    shutil.copytree(student_run, copy)
+    before = (copy / EXPORT_FILE).read_text()
+    rename = os.replace
+
+    def fail_to_move_the_new_export_in(source, target):
+        if os.path.basename(source).startswith(".kd-export-"):  # the new export folder
+            raise OSError(28, "No space left on device")
+        rename(source, target)
+    monkeypatch.setattr(os, "replace", fail_to_move_the_new_export_in)
+    result = in_process(kd.export.main, [copy, "--overwrite", "--timed_runs", "1"])
+    assert_one_line_error(result, "cannot write the export", "No space left")
+    assert (copy / EXPORT_FILE).read_text() == before
+    assert sorted(p.name for p in (copy / EXPORT_DIR).iterdir()) == [
+        "model.onnx", "model_int8.onnx", "validation.json"]
+    assert not [p.name for p in copy.iterdir() if p.name.startswith(".")]
 
 
 def test_overwrite_never_replaces_a_run_folder(student_run, in_process):
@@ -184,19 +252,28 @@ def foreign_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["noise", "vit", "misfit", "empty_run", "calibration_0",
-                                  "calibration_too_many"])
+                                  "calibration_too_many", "calibration_without_int8",
+                                  "out_is_a_file", "out_below_a_file"])
 def test_bad_input_is_one_line_and_writes_nothing(case, student_run, tmp_path, in_process):
     out = tmp_path / "out"
+    (tmp_path / "file").write_text("mine")
     if case.startswith("calibration"):
-        n, phrase = ("0", "must be >= 1") if case == "calibration_0" else \
-            ("301", "more than the 300 training images")
-        argv = [student_run, "--int8", "--calibration_images", n]
+        n, phrase = {"calibration_0": ("0", "must be >= 1"),
+                     "calibration_too_many": ("301", "more than the 300 training images"),
+                     "calibration_without_int8": ("20", "read only with --int8")}[case]
+        argv = [student_run, "--calibration_images", n] + ["--int8"] * ("int8" not in case)
+    elif case.startswith("out"):
+        out = tmp_path / "file" if case == "out_is_a_file" else tmp_path / "file" / "export"
+        phrase = "is a file"
+        argv = [student_run, "--overwrite"]
     else:
         path, phrase = foreign_checkpoints(tmp_path)[case]
         argv = [path]
+    before = sorted(tmp_path.rglob("*")), sorted(student_run.rglob("*"))
     result = in_process(kd.export.main, [*argv, "--out", out])
     assert_one_line_error(result, phrase)
-    assert not out.exists()
+    assert (sorted(tmp_path.rglob("*")), sorted(student_run.rglob("*"))) == before
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_plain_heads_compute_what_the_float32_heads_do():
@@ -212,8 +289,23 @@ def test_plain_heads_compute_what_the_float32_heads_do():
         assert torch.equal(model(x), expected)
 
 
-def test_timing_p90_and_cores():
+def test_timing_p90():
     timing = Timing(seconds=2.0, first_s=0.0, times=[float(t) for t in range(1, 11)])
     assert timing.p90_seconds == pytest.approx(9.1)  # 10 values, linear interpolation
     assert Timing(1.0, 0.0, [1.0]).p90_seconds == 1.0
-    assert 1 <= physical_cores() <= os.cpu_count()
+
+
+def test_physical_cores_count_each_allowed_core_once(tmp_path, monkeypatch):
+    """2 packages x 2 cores x 2 hyperthreads: 8 processors, 4 cores."""
+    blocks = [f"processor\t: {4 * package + 2 * thread + core}\nphysical id\t: {package}\n"
+              f"core id\t\t: {core}\n" for package in (0, 1) for core in (0, 1)
+              for thread in (0, 1)]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(blocks))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert physical_cores(str(cpuinfo)) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})  # two threads of one core
+    assert physical_cores(str(cpuinfo)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 4})
+    assert physical_cores(str(cpuinfo)) == 3
+    assert physical_cores(str(tmp_path / "missing")) == 3  # no cpuinfo: the allowed CPUs
