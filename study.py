@@ -86,6 +86,11 @@ class Job:
         return bool(self.config.get("teacher_cache"))
 
     @property
+    def cache_file(self) -> str | None:
+        """The teacher cache a cache build writes (None for a run)."""
+        return self.argv[self.argv.index("--out") + 1] if self.builds_cache else None
+
+    @property
     def output_log(self) -> str:
         """Where its output goes, whichever launcher runs it."""
         return os.path.join(self.out_dir, OUTPUT_FILE)
@@ -523,11 +528,11 @@ def still_to_do(jobs: list[Job]) -> list[Job]:
 
 
 def recorded_states(jobs: list[Job], out_dir: str) -> dict[str, str]:
-    """The scheduler's state (kd.launch.scheduler_state) of the job last submitted for each
+    """The scheduler's state (kd.launch.scheduler_states) of the job last submitted for each
     planned job that OUT_DIR/jobs.json records."""
     records = launch.read_jobs(out_dir)
-    return {job.name: launch.scheduler_state(records[job.name]) for job in jobs
-            if job.name in records}
+    return launch.scheduler_states({job.name: records[job.name] for job in jobs
+                                    if job.name in records})
 
 
 def status_lines(jobs: list[Job], todo: list[Job], states: dict[str, str], out_dir: str
@@ -602,7 +607,7 @@ def submit_study(args: argparse.Namespace, jobs: list[Job]) -> None:
         wait_for_jobs([job for job in todo if job.name in submitted], args)
         failed = []
         for job in todo:
-            if job.builds_cache or to_do(job) == "done":
+            if os.path.exists(job.cache_file) if job.builds_cache else to_do(job) == "done":
                 print(f"done  {job.name}{result_line(job)}", flush=True)
             else:
                 failed.append((job, f"job {submitted[job.name]['job_id']} ended, the run did "
@@ -615,9 +620,8 @@ def submit_study(args: argparse.Namespace, jobs: list[Job]) -> None:
 
 def wait_for_jobs(todo: list[Job], args: argparse.Namespace) -> None:
     """Wait until no job of todo is queued or running; a stop signal stops the waiting."""
-    records = launch.read_jobs(args.out_dir)
     poll_s = 0.5 if args.launcher == "submitit_local" else 30  # sacct is the cluster's to share
-    while any(launch.alive(launch.scheduler_state(records[job.name])) for job in todo):
+    while any(launch.alive(state) for state in recorded_states(todo, args.out_dir).values()):
         if stop_requested():
             where = ("the local jobs share this terminal: they stop too, keeping their last.pt"
                      if args.launcher == "submitit_local" else "the jobs go on on the cluster")

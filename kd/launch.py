@@ -11,6 +11,8 @@ resumes from last.pt when there is one, so a requeue, a job SLURM requeued by it
 study.py resubmits all continue the run exactly as an uninterrupted one.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -284,28 +286,38 @@ def write_jobs(out_dir: str, jobs: dict[str, dict]) -> None:
         raise UserError(f"cannot write {os.path.join(out_dir, JOBS_FILE)}: {e}") from None
 
 
-def scheduler_state(entry: dict) -> str:
-    """'queued', 'running', 'unknown' (the scheduler has no record: may still run) or 'ended:
-    STATE' for a recorded job. A local job is a process of this machine: running while its
-    controller process lives."""
-    job_id = str(entry["job_id"])
-    if entry.get("launcher") == "submitit_local":
-        try:
-            stat = Path(f"/proc/{int(job_id)}/stat").read_text()
-            cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return "ended: no process"
-        alive = stat.split(") ")[1][0] not in "ZX" and b"submitit" in cmdline  # a reused pid?
-        return "running" if alive else "ended: no process"
-    if shutil.which("sacct") is None:
-        return "unknown"
-    state = submitit.SlurmJob(entry["folder"], job_id).get_info(mode="force").get("State")
-    state = (state or "UNKNOWN").split()[0].upper()  # "CANCELLED by 123"
-    if state == "UNKNOWN":
-        return "unknown"
-    if state in QUEUED:
-        return "queued"
-    return "running" if state in RUNNING else f"ended: {state}"
+def scheduler_states(records: dict[str, dict]) -> dict[str, str]:
+    """Each recorded job's state, by name: 'queued', 'running', 'unknown' (the scheduler has no
+    record of it: it may still run) or 'ended: STATE'. A local job is a process of this
+    machine, running while its controller process lives; SLURM's jobs are asked in one sacct."""
+    slurm = {name: entry for name, entry in records.items() if entry.get("launcher") == "slurm"}
+    states = {name: local_state(entry) for name, entry in records.items() if name not in slurm}
+    if slurm and shutil.which("sacct") is None:
+        return {**states, **{name: "unknown" for name in slurm}}
+    jobs = {name: submitit.SlurmJob(entry["folder"], str(entry["job_id"]))
+            for name, entry in slurm.items()}  # each registers with submitit's sacct watcher
+    if jobs:
+        submitit.SlurmJob.watcher.update()
+    for name, job in jobs.items():
+        state = job.watcher.get_state(job.job_id, mode="cache").split()[0].upper()
+        if state == "UNKNOWN":  # "CANCELLED by 123" above: the first word
+            states[name] = "unknown"
+        elif state in QUEUED:
+            states[name] = "queued"
+        else:
+            states[name] = "running" if state in RUNNING else f"ended: {state}"
+    return states
+
+
+def local_state(entry: dict) -> str:
+    try:
+        pid = int(entry["job_id"])
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return "ended: no process"
+    alive = stat.rsplit(") ", 1)[1][0] not in "ZX" and b"submitit" in cmdline  # a reused pid?
+    return "running" if alive else "ended: no process"
 
 
 def alive(state: str) -> bool:
@@ -315,7 +327,7 @@ def alive(state: str) -> bool:
 def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str, str]
            ) -> dict[str, dict]:
     """Submit the study's jobs `todo` (study.Job, the cache build first if any) whose job is not
-    alive (states: scheduler_state of the recorded jobs, by name); returns the new records.
+    alive (states: scheduler_states of the recorded jobs); returns the new records.
 
     The runs of a SLURM study start once the cache build has succeeded (afterok; the runs go as
     one array, so the baseline waits for the build too); the local executor has no dependencies,
@@ -335,7 +347,7 @@ def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str,
     if after is not None and args.launcher == "submitit_local":
         print(f"waiting for the teacher cache build (job {after}): the local executor has no "
               f"job dependencies", flush=True)
-        while alive(scheduler_state(records["teacher cache"])) and not stop_requested():
+        while alive(local_state(records["teacher cache"])) and not stop_requested():
             time.sleep(0.5)
         cache_file = next(job.config["teacher_cache"] for job in runs if job.reads_cache)
         if stop_requested() or not os.path.exists(cache_file):
@@ -356,8 +368,8 @@ def submit_jobs(ex: submitit.AutoExecutor, jobs: list, args: argparse.Namespace,
     """Submit jobs (several: one job array) and record their ids in jobs.json; a stop signal
     meanwhile acts once they are recorded."""
     with stops_deferred():
-        try:
-            with ex.batch():
+        try:  # submitit also prints sbatch's refusal: the error below says it once
+            with contextlib.redirect_stderr(io.StringIO()), ex.batch():
                 handles = [ex.submit(run_job(job, args.max_requeues)) for job in jobs]
         except (FailedJobError, FailedSubmissionError, subprocess.SubprocessError, OSError,
                 ValueError) as e:
@@ -379,7 +391,7 @@ def run_job(job, max_requeues: int) -> RunJob:
     resume it left for each start to decide."""
     command = [t for t in job.command(shown=False) if t not in ("--resume", "--overwrite")]
     if job.builds_cache:
-        return RunJob(command, job.output_log, done_file=job.argv[job.argv.index("--out") + 1],
+        return RunJob(command, job.output_log, done_file=job.cache_file,
                       max_requeues=max_requeues)
     return RunJob(command, job.output_log, out_dir=job.out_dir, max_requeues=max_requeues)
 
