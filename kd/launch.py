@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 import submitit
-from submitit.core.utils import FailedJobError, FailedSubmissionError
+import torch
+from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
 from submitit.helpers import DelayedSubmission
 
 from kd.checkpoint import write_json
 from kd.errors import UserError, stop_requested, stops_deferred
+from kd.rundir import rerun_flags
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
 JOBS_FILE = "jobs.json"  # in the study folder: the job id of each run submitted
@@ -208,13 +210,6 @@ class RunJob:
         return {**self.__dict__, "_process": None}  # the process is this start's only
 
 
-def rerun_flags(out_dir: str) -> list[str] | None:
-    """kd.rundir.rerun_flags, imported when a job starts: its module imports torch, which the
-    job's own process otherwise does without."""
-    from kd.rundir import rerun_flags as flags
-    return flags(out_dir)
-
-
 def ddp_env(environment: submitit.JobEnvironment) -> dict[str, str]:
     """The variables torchrun gives each process (kd.distributed reads them), from submitit's job
     environment: one task per GPU, rank 0's node the rendezvous; none for a single task."""
@@ -250,10 +245,7 @@ def executor(args: argparse.Namespace, out_dir: str, n_at_once: int) -> submitit
                                slurm_max_num_timeout=args.max_requeues,
                                local_max_num_timeout=args.max_requeues,
                                slurm_python=python, local_python=python)
-    gpus = args.gpus_per_run
-    if local:
-        import torch  # only here: the GPUs a local job may see
-        gpus = min(gpus, torch.cuda.device_count())
+    gpus = min(args.gpus_per_run, torch.cuda.device_count()) if local else args.gpus_per_run
     ex.update_parameters(name="study", timeout_min=args.timeout_min, nodes=args.nodes_per_run,
                          tasks_per_node=args.gpus_per_run, gpus_per_node=gpus,
                          cpus_per_task=args.cpus_per_gpu,
@@ -397,11 +389,11 @@ def run_job(job, max_requeues: int) -> RunJob:
 
 
 def log_tail(entry: dict, lines: int = 8) -> list[str]:
-    """The last lines of a job's own submitit log (its error output), where the run's output log
-    has none: a job that failed before its run started."""
-    folder = Path(entry.get("folder", ""))
+    """The last lines of a job's own log (rank 0's stdout, then its stderr, where an error
+    goes), for a job that failed before its run wrote any output."""
+    paths = JobPaths(entry["folder"], job_id=str(entry["job_id"]), task_id=0)
     out = []
-    for path in sorted(folder.glob("*_0_log.err")) + sorted(folder.glob("*_0_log.out")):
-        with open(path, errors="replace") as f:
+    for path in (paths.stdout, paths.stderr):
+        with contextlib.suppress(OSError), open(path, errors="replace") as f:
             out += [line.rstrip() for line in f if line.strip()]
     return out[-lines:]

@@ -4,11 +4,13 @@ variables a job's tasks get. The runs themselves, through submitit's local execu
 test_study.py (the tiny study) and test_resume.py (a preempted run)."""
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import submitit
 
+import kd.errors
 from helpers import assert_one_line_error
 from kd import launch
 from kd.distributed import World
@@ -83,6 +85,9 @@ def test_slurm_submits_the_cache_build_then_the_runs_as_one_array_after_it(
     (out / "teacher_cache.pt").write_bytes(b"")
     (slurm / "sacct.txt").write_text("1001|COMPLETED|n1\n1002_0|RUNNING|n1\n1002_1|PENDING|\n"
                                      "1002_2|FAILED|n2\n1002_4|CANCELLED by 42|n2\n")
+    job_log = out / "submitit" / "1002_2" / "1002_2_0_log.err"  # where SLURM writes it
+    job_log.parent.mkdir(parents=True, exist_ok=True)  # submitit made it, for the pickle
+    job_log.write_text("slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0\n")
     status = in_process("study.py", [*study_argv, *CLUSTER, "--status"])
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
@@ -92,6 +97,7 @@ def test_slurm_submits_the_cache_build_then_the_runs_as_one_array_after_it(
     assert "failed   kd-T2/seed1  job 1002_4 ended: CANCELLED" in lines
     assert any(line.startswith("unknown  ce/seed1  job 1002_3 (the scheduler has no record")
                for line in lines)
+    assert "  | slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0" in lines
     assert not (slurm / "sbatch_3.sh").exists()  # --status submits nothing
 
     again = in_process("study.py", [*study_argv, *CLUSTER])
@@ -119,17 +125,18 @@ def test_slurm_refusals_are_one_line_and_write_nothing(slurm, study_argv, tmp_pa
             (["--sbatch", "=x"], "--sbatch =x: give an #SBATCH option as KEY=VALUE")]:
         assert_one_line_error(in_process("study.py", [*study_argv, *flags]), phrase)
         assert not out.exists()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", os.defpath)  # no SLURM here
+        missing = in_process("study.py", study_argv)
+    assert_one_line_error(missing, "--launcher slurm: no sbatch or srun on PATH",
+                          "--launcher local runs the study on this machine")
+    assert not out.exists()
     monkeypatch.setenv("FAKE_SBATCH_ERROR", "sbatch: error: Batch job submission failed: "
                                             "Invalid account or account/partition combination")
     refused = in_process("study.py", study_argv)
     assert_one_line_error(refused, "submitting 1 job(s) failed, none of them was submitted: "
                                    "sbatch: error: Batch job submission failed: Invalid account")
     assert not (out / "jobs.json").exists()
-
-    monkeypatch.setenv("PATH", os.defpath)  # no SLURM here
-    missing = in_process("study.py", study_argv)
-    assert_one_line_error(missing, "--launcher slurm: no sbatch or srun on PATH",
-                          "--launcher local runs the study on this machine")
 
 
 def test_each_task_of_a_job_gets_the_variables_torchrun_gives(monkeypatch):
@@ -146,3 +153,16 @@ def test_each_task_of_a_job_gets_the_variables_torchrun_gives(monkeypatch):
     assert World.from_env() == World(rank=3, local_rank=1, size=4)  # as kd.distributed reads it
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert launch.ddp_env(submitit.JobEnvironment()) == {}  # one task: a single process
+
+
+def test_stop_signals_wait_for_the_end_of_a_submission(monkeypatch):
+    """Ctrl-C twice while jobs are submitted: the process neither stops nor exits until their ids
+    are recorded; then it knows a stop was asked for."""
+    monkeypatch.setattr(kd.errors, "_received", [])
+    before = signal.getsignal(signal.SIGINT)
+    with kd.errors.stops_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one would exit at once outside the block
+        recorded = True
+    assert recorded and kd.errors.stop_requested()
+    assert signal.getsignal(signal.SIGINT) is before  # the handler of before the block is back

@@ -522,8 +522,7 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     out = tmp_path / "study"
     argv = [*tiny_study.argv, "--launcher", "submitit_local"]
     argv[argv.index("--out_dir") + 1] = str(out)
-    first = subprocess.run([sys.executable, str(REPO / "study.py"), *argv, "--wait"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    first = run_in_process("study.py", [*argv, "--wait"], monkeypatch, capsys)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("\nsubmitted ") == 8 and first.stdout.count("\ndone  ") == 8
     assert "study complete. Report: " in first.stdout
