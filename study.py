@@ -26,6 +26,9 @@ Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (-
 many); each run's output goes to study_output.log in its folder. A failed run is reported at the
 end, with its command and last output lines, and the others go on (none starts after a failure
 when no run has finished yet: the setup, not the run, is then the likely cause).
+
+--launcher slurm submits the same commands as SLURM jobs through submitit (kd.launch) and
+returns; the same command again, or --status, says how each run is and resubmits the failed ones.
 """
 import argparse
 import contextlib
@@ -47,7 +50,7 @@ import torch
 
 import distill_student
 import train_student
-from kd import cache
+from kd import cache, launch
 from kd.checkpoint import file_sha256, write_json
 from kd.errors import (StopRequested, UserError, on_signal, run_script, say, stop_requested,
                        stop_signals)
@@ -81,6 +84,16 @@ class Job:
     def reads_cache(self) -> bool:
         """A distilled run of a logit method that reads the teacher cache."""
         return bool(self.config.get("teacher_cache"))
+
+    @property
+    def cache_file(self) -> str | None:
+        """The teacher cache a cache build writes (None for a run)."""
+        return self.argv[self.argv.index("--out") + 1] if self.builds_cache else None
+
+    @property
+    def output_log(self) -> str:
+        """Where its output goes, whichever launcher runs it."""
+        return os.path.join(self.out_dir, OUTPUT_FILE)
 
     def command(self, *, shown: bool = True) -> list[str]:
         """The command line, with the interpreter that runs the study; shown: as printed, the
@@ -139,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the command of every run still to do, one per line (the cache "
                         "build first; run them from this folder), and run nothing, for a job "
                         "array or another scheduler; writes only OUT_DIR/study.json")
+    launch.add_flags(p)
     return p
 
 
@@ -399,7 +413,7 @@ def start(job: Job, gpu: str | None, env: dict) -> tuple:
     """Start the job on gpu (None: the CPU), its output appended to its folder's log."""
     try:
         os.makedirs(job.out_dir, exist_ok=True)
-        log = open(os.path.join(job.out_dir, OUTPUT_FILE), "a")
+        log = open(job.output_log, "a")
         log.write(f"$ {shlex.join(job.command())}\n")
         log.flush()
         visible = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
@@ -426,7 +440,7 @@ def failure_report(failed: list[tuple[Job, str]], total: int) -> str:
     for job, why in failed:
         lines += [f"- {job.name}: {why}", f"  {shlex.join(job.command())}"]
         try:
-            with open(os.path.join(job.out_dir, OUTPUT_FILE)) as f:
+            with open(job.output_log) as f:
                 output = f.read().replace("\r", "\n").splitlines()
         except OSError:
             output = []
@@ -434,8 +448,9 @@ def failure_report(failed: list[tuple[Job, str]], total: int) -> str:
     return "\n".join(lines)
 
 
-def record_command(out_dir: str) -> None:
-    """Add this command to OUT_DIR/study.json, which marks the folder as a study."""
+def record_command(out_dir: str, launcher: dict | None = None) -> None:
+    """Add this command to OUT_DIR/study.json, which marks the folder as a study, and the
+    settings of a submitit launcher (kd.launch.settings) to its launchers."""
     path = os.path.join(out_dir, STUDY_FILE)
     record = {"commands": []}
     try:
@@ -450,6 +465,8 @@ def record_command(out_dir: str) -> None:
     command = shlex.join([sys.executable, *sys.argv])
     if command not in commands:
         commands.append(command)
+    if launcher is not None and launcher not in record.setdefault("launchers", []):
+        record["launchers"].append(launcher)
     try:
         os.makedirs(out_dir, exist_ok=True)
         write_json(path, record)
@@ -510,6 +527,115 @@ def still_to_do(jobs: list[Job]) -> list[Job]:
     return [job for job in todo if cached or not job.builds_cache]
 
 
+def recorded_states(jobs: list[Job], out_dir: str) -> dict[str, str]:
+    """The scheduler's state (kd.launch.scheduler_states) of the job last submitted for each
+    planned job that OUT_DIR/jobs.json records."""
+    records = launch.read_jobs(out_dir)
+    return launch.scheduler_states({job.name: records[job.name] for job in jobs
+                                    if job.name in records})
+
+
+def status_lines(jobs: list[Job], todo: list[Job], states: dict[str, str], out_dir: str
+                 ) -> tuple[list[str], list[tuple[Job, str]]]:
+    """One line per planned job: done, queued, running, failed (its job ended, its run not
+    finished: with its last output lines) or to do; and the failed jobs with why."""
+    records = launch.read_jobs(out_dir)
+    left = {job.name for job in todo}
+    lines, failed, counts = [], [], {}
+    for job in jobs:
+        state, detail = states.get(job.name), ""
+        if job.name not in left:
+            word = "done"
+        elif state and launch.alive(state):
+            word, detail = state, f"job {records[job.name]['job_id']}"
+            if state == "unknown":
+                detail += " (the scheduler has no record of it: it is left alone; remove its " \
+                          "entry from jobs.json to resubmit it)"
+        elif state:
+            word, detail = "failed", f"job {records[job.name]['job_id']} {state}"
+            failed.append((job, detail))
+        else:
+            word = "to do" + (" (resume)" if "--resume" in job.argv else "")
+        kind = word.split(" (")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+        lines.append(f"{word:<8} {job.name}" + (f"  {detail}" if detail else ""))
+    summary = ", ".join(f"{n} {word}" for word, n in counts.items())
+    return [f"study {out_dir}: {len(jobs)} jobs: {summary}", *lines], failed
+
+
+def with_job_log(failed: list[tuple[Job, str]], out_dir: str) -> list[tuple[Job, str]]:
+    """Each failure's why, with the end of its job's own log when its run wrote no output (it
+    failed before the run started)."""
+    records = launch.read_jobs(out_dir)
+    out = []
+    for job, why in failed:
+        if job.name in records and not os.path.exists(job.output_log):
+            tail = launch.log_tail(records[job.name])
+            why += "".join(f"\n  | {line}" for line in tail)
+        out.append((job, why))
+    return out
+
+
+def submit_study(args: argparse.Namespace, jobs: list[Job]) -> None:
+    """--launcher slurm or submitit_local: submit what is left to do and not alive in the
+    scheduler, then return, or with --wait wait for the jobs and end as the local launcher does."""
+    launch.check(args)  # before anything is written
+    with only_study_running(args.out_dir):
+        todo = still_to_do(jobs)
+        states = recorded_states(jobs, args.out_dir)
+        print("\n".join(status_lines(jobs, todo, states, args.out_dir)[0]), flush=True)
+        record_command(args.out_dir, launch.settings(args))
+        submitted = launch.submit(todo, args, args.out_dir, states)
+        unsent = [job for job in todo if job.name not in submitted
+                  and not launch.alive(states.get(job.name, "ended"))]
+        if stop_requested():
+            raise StopRequested(f"{len(submitted)} jobs were submitted and recorded in "
+                                f"{os.path.join(args.out_dir, launch.JOBS_FILE)}; the same "
+                                f"command submits the rest")
+        if unsent:
+            failed = [(job, "not submitted: the teacher cache build failed") for job in unsent]
+            cache = [job for job in jobs if job.builds_cache]
+            say(failure_report(with_job_log(
+                [(job, "job ended, no cache written") for job in cache] + failed, args.out_dir),
+                len(todo)))
+            sys.exit(1)
+        if not args.wait:
+            print(f"{len(submitted)} jobs submitted, logs in "
+                  f"{os.path.join(args.out_dir, launch.LOG_DIR)}; the same command with --status "
+                  f"shows how they are, and without it resubmits the failed ones", flush=True)
+            return
+        wait_for_jobs([job for job in todo if job.name in submitted], args)
+        failed = []
+        for job in todo:
+            if os.path.exists(job.cache_file) if job.builds_cache else to_do(job) == "done":
+                print(f"done  {job.name}{result_line(job)}", flush=True)
+            else:
+                failed.append((job, f"job {submitted[job.name]['job_id']} ended, the run did "
+                                    f"not finish"))
+    if failed:
+        say(failure_report(with_job_log(failed, args.out_dir), len(todo)))
+        sys.exit(1)
+    print_report_command(args.out_dir)
+
+
+def wait_for_jobs(todo: list[Job], args: argparse.Namespace) -> None:
+    """Wait until no job of todo is queued or running; a stop signal stops the waiting."""
+    poll_s = 0.5 if args.launcher == "submitit_local" else 30  # sacct is the cluster's to share
+    while any(launch.alive(state) for state in recorded_states(todo, args.out_dir).values()):
+        if stop_requested():
+            where = ("the local jobs share this terminal: they stop too, keeping their last.pt"
+                     if args.launcher == "submitit_local" else "the jobs go on on the cluster")
+            raise StopRequested(f"stopped waiting; {where}; --status shows how they are, the "
+                                f"same command resubmits failed ones")
+        time.sleep(poll_s)
+
+
+def print_report_command(out_dir: str) -> None:
+    plot = shown_path(REPO / "plots" / "plot_runs.py")
+    report = shlex.join([sys.executable, plot, out_dir, "--out", os.path.join(out_dir, "report")])
+    print(f"study complete. Report: {report}")
+
+
 def main() -> None:
     args, rest = build_parser().parse_known_args()
     jobs = plan(args, flag_values(rest))
@@ -522,9 +648,25 @@ def main() -> None:
             ("; the first builds the teacher cache: run it before the others"
              if todo and todo[0].builds_cache else ""))
         return
+    if args.status:
+        todo = still_to_do(jobs)
+        lines, failed = status_lines(jobs, todo, recorded_states(jobs, args.out_dir), args.out_dir)
+        print("\n".join(lines))
+        if failed:
+            print(failure_report(with_job_log(failed, args.out_dir), len(todo)))
+        return
+    if args.launcher != "local":
+        submit_study(args, jobs)
+        return
     slots = gpu_slots(jobs[-1].config["device"], args.jobs)
     with only_study_running(args.out_dir):
         todo = still_to_do(jobs)
+        going = [name for name, state in recorded_states(todo, args.out_dir).items()
+                 if launch.alive(state)]
+        if going:
+            raise UserError(f"{len(going)} jobs of this study are still queued or running "
+                            f"({', '.join(going[:3])}{', ...' if len(going) > 3 else ''}; "
+                            f"--status shows them): wait for them or cancel them first")
         record_command(args.out_dir)
         runs = [job for job in todo if not job.builds_cache]
         print(f"study {args.out_dir}: {len(runs)} of {len(jobs) - jobs[0].builds_cache} runs to "
@@ -536,10 +678,7 @@ def main() -> None:
     if failed:
         say(failure_report(failed, len(todo)))
         sys.exit(1)
-    plot = shown_path(REPO / "plots" / "plot_runs.py")
-    report = shlex.join([sys.executable, plot, args.out_dir, "--out",
-                         os.path.join(args.out_dir, "report")])
-    print(f"study complete. Report: {report}")
+    print_report_command(args.out_dir)
 
 
 if __name__ == "__main__":

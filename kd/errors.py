@@ -73,6 +73,20 @@ def stop_requested() -> bool:
     return bool(_received)
 
 
+@contextlib.contextmanager
+def stops_deferred():
+    """Within the block a stop signal is only recorded (stop_requested() says so after it), even
+    a second one: for steps that must end together, such as submitting a job and recording its
+    id. A handler, unlike a blocked signal mask, is not inherited by the processes started here."""
+    record = lambda signum, frame: _received.append(signum)
+    previous = {sig: signal.signal(sig, record) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_script(main: Callable[[], object]) -> None:
     """Run a command's main(): UserError and stop signals become one line and an exit code."""
     for sig in stop_signals():

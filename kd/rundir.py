@@ -37,6 +37,18 @@ def existing_run_files(out_dir: str) -> list[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
 
 
+def rerun_flags(out_dir: str) -> list[str] | None:
+    """How to start the run in out_dir (again): None when it has finished (summary.json),
+    --resume from its last.pt, --overwrite when it holds files but no saved epoch, nothing when
+    it holds no run."""
+    files = existing_run_files(out_dir)
+    if "summary.json" in files:
+        return None
+    if "last.pt" in files:
+        return ["--resume"]
+    return ["--overwrite"] if files else []
+
+
 def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:
     """Refuse to start where a run exists unless --resume or --overwrite says what to do with it,
     and refuse an --overwrite that would delete one of the input files `keep`."""

@@ -6,11 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import study
 from helpers import REPO, RunsCode
+from kd import launch
 from kd.checkpoint import load_checkpoint, save_checkpoint
 from kd.errors import UserError
 
@@ -179,3 +182,44 @@ def test_malicious_last_pt_is_refused_on_resume(fake_data, tmp_path):
     assert result.returncode == 2 and "not a loadable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def task_of(controller: int) -> int | None:
+    """The process id of the task a submitit local job's controller runs (its child)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == controller:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_is_requeued_and_resumes_exactly(reference, fake_data, tmp_path):
+    """A run submitted as study.py --launcher submitit_local submits it gets SIGUSR2 after its
+    first epoch, the warning SLURM (and the local executor, at the time limit) sends a job:
+    RunJob stops the run, submitit requeues the job, the run resumes from last.pt and ends with
+    the weights of an uninterrupted run."""
+    folder = tmp_path / "run"
+    args = study.build_parser().parse_args(["--launcher", "submitit_local"])
+    executor = launch.executor(args, str(tmp_path), n_at_once=1)
+    job = executor.submit(launch.RunJob(student_cmd(folder, fake_data),
+                                        str(folder / study.OUTPUT_FILE), out_dir=str(folder)))
+    deadline = time.monotonic() + 120
+    while not (folder / "last.pt").exists():
+        assert not job.done() and time.monotonic() < deadline, job.stderr()
+        time.sleep(0.02)
+    assert not (folder / "summary.json").exists()  # mid-run: 2 of its 3 epochs are to come
+    os.kill(task_of(int(job.job_id)), signal.SIGUSR2)
+    deadline = time.monotonic() + 300
+    while not job.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job.result() == "done", job.stderr()
+    starts = [line for line in (folder / study.OUTPUT_FILE).read_text().splitlines()
+              if line.startswith("$ ")]
+    assert len(starts) == 2 and starts[1].endswith(" --resume") and "SIGTERM" in \
+        (folder / study.OUTPUT_FILE).read_text()
+    assert_same_run(folder, reference)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 import distill_student
 import kd.features
 import study
+from kd import launch
 from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
 from plots.rundata import load_runs
@@ -450,24 +452,36 @@ def test_a_gain_over_fewer_seeds_than_the_columns_is_named(tmp_path):
         pytest.approx((2.75, 2.75 - half, 2.75 + half, 2), abs=1e-3)
 
 
-@pytest.mark.slow
-def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, capsys):
-    """Two seeds x (CE + two kd points + fitnet), one epoch each on generated data: a command
-    printed by --dry_run runs as printed, `python study.py` runs the rest, and the report has the
-    study section; then the same command resumes a stopped run, and a changed flag is refused."""
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def tiny_study(fake_data, runs_root, tmp_path_factory) -> SimpleNamespace:
+    """Two seeds x (CE + two kd points + fitnet), one epoch each on generated data, made by the
+    local launcher: one command printed by --dry_run run as printed, then `python study.py` for
+    the rest; with its report, written before any test changes the study."""
+    root = tmp_path_factory.mktemp("tiny_study")
+    out = root / "study"
     argv = ["--out_dir", str(out), "--seeds", "0", "1", "--teacher_ckpt",
             str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--method", "kd",
             "fitnet", "--T", "2", "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data,
             *COMMON]
-    commands = run_in_process("study.py", [*argv, "--dry_run"], monkeypatch,
-                              capsys).stdout.splitlines()
-    assert len(commands) == 8 and "/ce/seed1 " in commands[4]
+    script = [sys.executable, str(REPO / "study.py")]
+    commands = subprocess.run([*script, *argv, "--dry_run"], capture_output=True, text=True,
+                              cwd=REPO, check=True).stdout.splitlines()
     subprocess.run(commands[4], shell=True, check=True, capture_output=True, cwd=REPO)
-
-    first = subprocess.run([sys.executable, str(REPO / "study.py"), *argv], capture_output=True,
-                           text=True, cwd=tmp_path, timeout=600)
+    first = subprocess.run([*script, *argv], capture_output=True, text=True, cwd=root,
+                           timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
+    text = report(out, "--out", root / "report", "--no-cost")
+    return SimpleNamespace(out=out, argv=argv, commands=commands, first=first, report=text,
+                           report_dir=root / "report")
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tiny_study, monkeypatch, capsys):
+    """The tiny study: the --dry_run commands, the runs, the report's study section; then the
+    same command resumes a stopped run, and a changed flag is refused."""
+    out, argv, commands, first = tiny_study.out, tiny_study.argv, tiny_study.commands, \
+        tiny_study.first
+    assert len(commands) == 8 and "/ce/seed1 " in commands[4]
     assert "7 of 8 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
     assert first.stdout.count("done  ") == 7 and "test_top1" not in first.stdout
     for name in ["ce", "kd-T2", "kd-T4", "fitnet"]:
@@ -478,12 +492,12 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     recorded = json.loads((out / "study.json").read_text())["commands"]
     assert recorded[0].endswith(" --dry_run") and recorded[1].endswith(shlex.join(argv))
 
-    section = report(out, "--out", tmp_path / "report", "--no-cost").split("## Study: ")[1]
+    section = tiny_study.report.split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
     assert "| T=2 | 2 |" in section or "| T=2 (selected) | 2 |" in section
     assert "fitnet" in section and "The teacher: test top-1 " in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
-        assert (tmp_path / "report" / name).exists()
+        assert (tiny_study.report_dir / name).exists()
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
     again = run_in_process("study.py", argv, monkeypatch, capsys)
@@ -495,6 +509,67 @@ def test_tiny_study_end_to_end(fake_data, runs_root, tmp_path, monkeypatch, caps
     changed = run_in_process("study.py", [*argv, "--lr", "0.05"], monkeypatch, capsys)
     assert_one_line_error(changed, f"{out}/ce/seed0 holds a run with other settings "
                                    f"(--lr 0.2 -> 0.05)")
+
+
+@pytest.mark.slow
+def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tmp_path,
+                                                                   monkeypatch, capsys):
+    """--launcher submitit_local --wait runs the tiny study as submitit jobs, and its report is
+    the local launcher's, word for word but the training times and the folder's path. The same
+    command again submits nothing; a run whose job is alive is left alone, by the local launcher
+    too; once its job is gone the run is reported failed (tests/test_launch.py: it is then
+    resubmitted)."""
+    out = tmp_path / "study"
+    argv = [*tiny_study.argv, "--launcher", "submitit_local"]
+    argv[argv.index("--out_dir") + 1] = str(out)
+    first = run_in_process("study.py", [*argv, "--wait"], monkeypatch, capsys)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("\nsubmitted ") == 8 and first.stdout.count("\ndone  ") == 8
+    assert "study complete. Report: " in first.stdout
+    ours = report(out, "--out", tmp_path / "report", "--no-cost")
+    assert "train time (min)" in ours and "## Study: " in ours
+    assert without_train_time(ours.replace(str(out), "STUDY")) == \
+        without_train_time(tiny_study.report.replace(str(tiny_study.out), "STUDY"))
+    jobs = json.loads((out / launch.JOBS_FILE).read_text())["runs"]
+    assert sorted(jobs) == sorted(job.name for job in planned(argv))
+    assert all(Path(entry["folder"], f"{entry['job_id']}_0_log.out").exists()
+               for entry in jobs.values())  # the jobs' own logs, below the study folder
+    recorded = json.loads((out / "study.json").read_text())["launchers"]
+    assert recorded == [{**launch.settings(study.build_parser().parse_known_args(argv)[0])}]
+
+    status = run_in_process("study.py", [*argv, "--status"], monkeypatch, capsys)
+    assert status.returncode == 0 and "8 jobs: 8 done" in status.stdout
+
+    (out / "kd-T4" / "seed1" / "summary.json").unlink()  # stopped after its last save...
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "submitit"])
+    try:  # ... and its job still running (a stand-in process)
+        jobs["kd-T4/seed1"]["job_id"] = str(alive.pid)
+        (out / launch.JOBS_FILE).write_text(json.dumps({"runs": jobs}))
+        again = run_in_process("study.py", argv, monkeypatch, capsys)
+        assert again.returncode == 0, again.stderr
+        assert f"running  kd-T4/seed1  job {alive.pid}" in again.stdout
+        assert "0 jobs submitted" in again.stdout
+        local = run_in_process("study.py", tiny_study.argv[:1] + [str(out)] +
+                               tiny_study.argv[2:], monkeypatch, capsys)
+        assert_one_line_error(local, "1 jobs of this study are still queued or running")
+    finally:
+        alive.kill()
+        alive.wait()
+    status = run_in_process("study.py", [*argv, "--status"], monkeypatch, capsys)
+    assert f"failed   kd-T4/seed1  job {alive.pid} ended: no process" in status.stdout
+
+
+def without_train_time(text: str) -> str:
+    """A report without its train time column: wall-clock time differs between any two runs."""
+    lines, drop = [], None
+    for line in text.splitlines():
+        cells = line.split(" | ")
+        if "train time (min)" in cells:
+            drop = cells.index("train time (min)")
+        elif not line.startswith("|"):
+            drop = None
+        lines.append(" | ".join(c for i, c in enumerate(cells) if i != drop))
+    return "\n".join(lines)
 
 
 def test_feature_methods_run_the_teacher_online(tmp_path, teacher_file):

@@ -1,0 +1,168 @@
+"""study.py --launcher slurm without a cluster: stand-in sbatch, srun, sinfo and sacct on PATH
+check what is submitted (the sbatch files), recorded and resubmitted; the refusals; the DDP
+variables a job's tasks get. The runs themselves, through submitit's local executor, are in
+test_study.py (the tiny study) and test_resume.py (a preempted run)."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import submitit
+
+import kd.errors
+from helpers import assert_one_line_error
+from kd import launch
+from kd.distributed import World
+
+SBATCH = """#!/bin/sh
+# submitit calls: sbatch FILE; keep the file, answer as SLURM does
+[ -n "$FAKE_SBATCH_ERROR" ] && { echo "$FAKE_SBATCH_ERROR" >&2; exit 1; }
+n=$(ls "$FAKE_SLURM"/sbatch_*.sh 2>/dev/null | wc -l)
+cp "$1" "$FAKE_SLURM/sbatch_$((n + 1)).sh"
+echo "Submitted batch job $((1001 + n))"
+"""
+SINFO = "#!/bin/sh\nprintf 'gpu*\\ncpu\\ngpu*\\n'\n"
+SACCT = "#!/bin/sh\necho 'JobID|State|NodeList'\ncat \"$FAKE_SLURM/sacct.txt\" 2>/dev/null\n"
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch) -> Path:
+    """A folder of stand-in SLURM commands, first on PATH; what they saw is kept there."""
+    bin_dir = tmp_path / "slurm"
+    bin_dir.mkdir()
+    for name, text in [("sbatch", SBATCH), ("sinfo", SINFO), ("sacct", SACCT),
+                       ("srun", "#!/bin/sh\nexit 0\n")]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
+    submitit.SlurmJob.watcher.clear()  # shared by the jobs of this process: no state carried over
+    return bin_dir
+
+
+@pytest.fixture
+def study_argv(tmp_path) -> list[str]:
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"stand-in teacher: plan() only hashes it")
+    return ["--out_dir", str(tmp_path / "study"), "--teacher_ckpt", str(teacher), "--seeds", "0",
+            "1", "--T", "2", "4", "--epochs", "1", "--launcher", "slurm"]
+
+
+CLUSTER = ["--partition", "gpu", "--timeout_min", "30", "--cpus_per_gpu", "4",
+           "--mem_gb_per_gpu", "16", "--array_parallelism", "3", "--sbatch", "account=vision"]
+
+
+def test_slurm_submits_the_cache_build_then_the_runs_as_one_array_after_it(
+        slurm, study_argv, tmp_path, in_process):
+    result = in_process("study.py", [*study_argv, *CLUSTER])
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "study"
+    assert "submitted teacher cache: job 1001" in result.stdout
+    assert "submitted ce/seed0: job 1002_0" in result.stdout
+    assert "submitted kd-T4/seed1: job 1002_5" in result.stdout
+    assert "7 jobs submitted, logs in" in result.stdout
+    cache, array = (slurm / "sbatch_1.sh").read_text(), (slurm / "sbatch_2.sh").read_text()
+    assert not (slurm / "sbatch_3.sh").exists()
+    for text in (cache, array):
+        for line in ["--partition=gpu", "--time=30", "--gpus-per-node=1", "--ntasks-per-node=1",
+                     "--nodes=1", "--cpus-per-task=4", "--mem=16GB", "--signal=USR2@120",
+                     "--account=vision", f"--output={out}/submitit/"]:
+            assert f"#SBATCH {line}" in text, line
+    assert "--array" not in cache and "--dependency" not in cache
+    assert "#SBATCH --array=0-5%3" in array and "#SBATCH --dependency=afterok:1001" in array
+    assert "#SBATCH --kill-on-invalid-dep=yes" in array
+    jobs = json.loads((out / "jobs.json").read_text())["runs"]
+    assert {name: entry["job_id"] for name, entry in jobs.items()} == {
+        "teacher cache": "1001", **{name: f"1002_{i}" for i, name in enumerate(
+            f"{point}/seed{seed}" for seed in (0, 1) for point in ("ce", "kd-T2", "kd-T4"))}}
+    recorded = json.loads((out / "study.json").read_text())
+    assert recorded["launchers"][0]["partition"] == "gpu"
+    assert recorded["launchers"][0]["sbatch"] == ["account=vision"]
+
+    # the cache was built; the scheduler: one run running, one queued, two failed (one
+    # cancelled), two it has no record of
+    (out / "teacher_cache.pt").write_bytes(b"")
+    (slurm / "sacct.txt").write_text("1001|COMPLETED|n1\n1002_0|RUNNING|n1\n1002_1|PENDING|\n"
+                                     "1002_2|FAILED|n2\n1002_4|CANCELLED by 42|n2\n")
+    job_log = out / "submitit" / "1002_2" / "1002_2_0_log.err"  # where SLURM writes it
+    job_log.parent.mkdir(parents=True, exist_ok=True)  # submitit made it, for the pickle
+    job_log.write_text("slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0\n")
+    status = in_process("study.py", [*study_argv, *CLUSTER, "--status"])
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].endswith("6 jobs: 1 running, 1 queued, 2 failed, 2 unknown")
+    assert "running  ce/seed0  job 1002_0" in lines and "queued   kd-T2/seed0  job 1002_1" in lines
+    assert "failed   kd-T4/seed0  job 1002_2 ended: FAILED" in lines
+    assert "failed   kd-T2/seed1  job 1002_4 ended: CANCELLED" in lines
+    assert any(line.startswith("unknown  ce/seed1  job 1002_3 (the scheduler has no record")
+               for line in lines)
+    assert "  | slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0" in lines
+    assert not (slurm / "sbatch_3.sh").exists()  # --status submits nothing
+
+    again = in_process("study.py", [*study_argv, *CLUSTER])
+    assert again.returncode == 0, again.stderr
+    assert "submitted kd-T4/seed0: job 1003_0" in again.stdout  # the failed ones, as one array
+    assert "submitted kd-T2/seed1: job 1003_1" in again.stdout
+    assert again.stdout.count("\nsubmitted ") == 2 and "2 jobs submitted" in again.stdout
+    resubmitted = (slurm / "sbatch_3.sh").read_text()
+    assert "#SBATCH --array=0-1%2" in resubmitted and "--dependency" not in resubmitted
+    jobs = json.loads((out / "jobs.json").read_text())["runs"]
+    assert (jobs["kd-T4/seed0"]["job_id"], jobs["ce/seed0"]["job_id"]) == ("1003_0", "1002_0")
+
+    local = in_process("study.py", [*study_argv[:-2], "--launcher", "local"])
+    assert_one_line_error(local, "jobs of this study are still queued or running")
+
+
+def test_slurm_refusals_are_one_line_and_write_nothing(slurm, study_argv, tmp_path, in_process,
+                                                      monkeypatch):
+    out = tmp_path / "study"
+    for flags, phrase in [
+            (["--partition", "gpus"], "--partition gpus: no such partition (sinfo lists cpu, gpu)"),
+            (["--timeout_min", "0"], "--timeout_min 0: must be at least 1"),
+            (["--gpus_per_run", "16"], "--gpus_per_run 16 is more than a node has "
+                                       "(--gpus_per_node 8)"),
+            (["--sbatch", "=x"], "--sbatch =x: give an #SBATCH option as KEY=VALUE")]:
+        assert_one_line_error(in_process("study.py", [*study_argv, *flags]), phrase)
+        assert not out.exists()
+    with monkeypatch.context() as m:
+        m.setenv("PATH", os.defpath)  # no SLURM here
+        missing = in_process("study.py", study_argv)
+    assert_one_line_error(missing, "--launcher slurm: no sbatch or srun on PATH",
+                          "--launcher local runs the study on this machine")
+    assert not out.exists()
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", "sbatch: error: Batch job submission failed: "
+                                            "Invalid account or account/partition combination")
+    refused = in_process("study.py", study_argv)
+    assert_one_line_error(refused, "submitting 1 job(s) failed, none of them was submitted: "
+                                   "sbatch: error: Batch job submission failed: Invalid account")
+    assert not (out / "jobs.json").exists()
+
+
+def test_each_task_of_a_job_gets_the_variables_torchrun_gives(monkeypatch):
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    env = launch.ddp_env(submitit.JobEnvironment())
+    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4242)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert World.from_env() == World(rank=3, local_rank=1, size=4)  # as kd.distributed reads it
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launch.ddp_env(submitit.JobEnvironment()) == {}  # one task: a single process
+
+
+def test_stop_signals_wait_for_the_end_of_a_submission(monkeypatch):
+    """Ctrl-C twice while jobs are submitted: the process neither stops nor exits until their ids
+    are recorded; then it knows a stop was asked for."""
+    monkeypatch.setattr(kd.errors, "_received", [])
+    before = signal.getsignal(signal.SIGINT)
+    with kd.errors.stops_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one would exit at once outside the block
+        recorded = True
+    assert recorded and kd.errors.stop_requested()
+    assert signal.getsignal(signal.SIGINT) is before  # the handler of before the block is back
