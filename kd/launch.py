@@ -30,6 +30,7 @@ from submitit.helpers import DelayedSubmission
 
 from kd.checkpoint import write_json
 from kd.errors import UserError, stop_requested, stops_deferred
+from kd.flags import number, positive_int
 from kd.rundir import rerun_flags
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
@@ -58,21 +59,22 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "output lines, to do) from its folder and the scheduler; submit nothing")
     g.add_argument("--partition", default=None,
                    help="SLURM partition; default: the cluster's default partition")
-    g.add_argument("--timeout_min", type=int, default=240,
+    g.add_argument("--timeout_min", type=positive_int, default=240,
                    help="time limit of each job in minutes; a run that reaches it is requeued "
                         "and resumes from its last.pt")
-    g.add_argument("--gpus_per_run", type=int, default=1,
+    g.add_argument("--gpus_per_run", type=positive_int, default=1,
                    help="GPUs of each run on each of its nodes: one task per GPU, DDP as "
                         "under torchrun")
-    g.add_argument("--nodes_per_run", type=int, default=1, help="nodes of each run")
-    g.add_argument("--gpus_per_node", type=int, default=8,
+    g.add_argument("--nodes_per_run", type=positive_int, default=1, help="nodes of each run")
+    g.add_argument("--gpus_per_node", type=positive_int, default=8,
                    help="GPUs of the partition's nodes (checks --gpus_per_run)")
-    g.add_argument("--cpus_per_gpu", type=int, default=8,
+    g.add_argument("--cpus_per_gpu", type=positive_int, default=8,
                    help="CPU cores of each task (data loading runs in the training process)")
-    g.add_argument("--mem_gb_per_gpu", type=int, default=32, help="memory of each task, GB")
-    g.add_argument("--array_parallelism", type=int, default=64,
+    g.add_argument("--mem_gb_per_gpu", type=positive_int, default=32,
+                   help="memory of each task, GB")
+    g.add_argument("--array_parallelism", type=positive_int, default=64,
                    help="runs of the job array running at once at most")
-    g.add_argument("--max_requeues", type=int, default=3,
+    g.add_argument("--max_requeues", type=number(int, 0), default=3,
                    help="times a job is requeued after a preemption or its time limit")
     g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra #SBATCH option, e.g. --sbatch account=vision --sbatch "
@@ -102,19 +104,14 @@ def sbatch_options(pairs: list[str]) -> dict:
 
 def check(args: argparse.Namespace) -> None:
     """Refuse, in one line and before anything is written, a launch that cannot go: no SLURM
-    here, a time limit of 0, a run larger than a node, an unknown partition."""
+    here, a run larger than a node, an unknown partition (a time limit of 0 and other counts
+    below 1 are refused by their flags' types)."""
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if args.launcher == "slurm" and missing:
         raise UserError(f"--launcher slurm: no {' or '.join(missing)} on PATH, so no SLURM "
                         f"cluster is reachable from here (run study.py on a login node); "
                         f"--launcher local runs the study on this machine, --launcher "
                         f"submitit_local through submitit's local executor")
-    for flag in ("timeout_min", "gpus_per_run", "nodes_per_run", "gpus_per_node", "cpus_per_gpu",
-                 "mem_gb_per_gpu", "array_parallelism"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.max_requeues < 0:
-        raise UserError(f"--max_requeues {args.max_requeues}: must be 0 or more")
     if args.gpus_per_run > args.gpus_per_node:
         raise UserError(f"--gpus_per_run {args.gpus_per_run} is more than a node has "
                         f"(--gpus_per_node {args.gpus_per_node}); use --nodes_per_run to span "

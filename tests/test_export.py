@@ -29,13 +29,13 @@ FORMS = ["PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8"]
 
 @pytest.fixture(scope="module")
 def student_run(fake_data, tmp_path_factory):
-    """train_student.py's run folder after 2 epochs on fake_data, its export/ by
+    """train_student.py's run folder after 1 epoch on fake_data, its export/ by
     `python -m kd.export RUN --int8` with 3 timed runs."""
     folder = tmp_path_factory.mktemp("export") / "student"
     train = runpy.run_path(str(REPO / "train_student.py"))["main"]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         mp.setattr(sys, "argv", ["train_student.py", "--out_dir", str(folder), "--data_dir",
-                                 fake_data, *TINY_RUN])
+                                 fake_data, *TINY_RUN, "--epochs", "1"])
         train()
         kd.export.main([str(folder), "--int8", "--timed_runs", "3", "--no-download"])
     return folder

@@ -119,7 +119,7 @@ def test_slurm_refusals_are_one_line_and_write_nothing(slurm, study_argv, tmp_pa
     out = tmp_path / "study"
     for flags, phrase in [
             (["--partition", "gpus"], "--partition gpus: no such partition (sinfo lists cpu, gpu)"),
-            (["--timeout_min", "0"], "--timeout_min 0: must be at least 1"),
+            (["--timeout_min", "0"], "--timeout_min: must be >= 1, got 0"),
             (["--gpus_per_run", "16"], "--gpus_per_run 16 is more than a node has "
                                        "(--gpus_per_node 8)"),
             (["--sbatch", "=x"], "--sbatch =x: give an #SBATCH option as KEY=VALUE")]:

@@ -454,19 +454,19 @@ def test_a_gain_over_fewer_seeds_than_the_columns_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_study(fake_data, runs_root, tmp_path_factory) -> SimpleNamespace:
-    """Two seeds x (CE + two kd points + fitnet), one epoch each on generated data, made by the
+    """Two seeds x (CE + two kd points), one epoch each on generated data, made by the
     local launcher: one command printed by --dry_run run as printed, then `python study.py` for
     the rest; with its report, written before any test changes the study."""
     root = tmp_path_factory.mktemp("tiny_study")
     out = root / "study"
     argv = ["--out_dir", str(out), "--seeds", "0", "1", "--teacher_ckpt",
             str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--method", "kd",
-            "fitnet", "--T", "2", "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data,
+            "--T", "2", "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data,
             *COMMON]
     script = [sys.executable, str(REPO / "study.py")]
     commands = subprocess.run([*script, *argv, "--dry_run"], capture_output=True, text=True,
                               cwd=REPO, check=True).stdout.splitlines()
-    subprocess.run(commands[4], shell=True, check=True, capture_output=True, cwd=REPO)
+    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=REPO)
     first = subprocess.run([*script, *argv], capture_output=True, text=True, cwd=root,
                            timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -481,10 +481,10 @@ def test_tiny_study_end_to_end(tiny_study, monkeypatch, capsys):
     same command resumes a stopped run, and a changed flag is refused."""
     out, argv, commands, first = tiny_study.out, tiny_study.argv, tiny_study.commands, \
         tiny_study.first
-    assert len(commands) == 8 and "/ce/seed1 " in commands[4]
-    assert "7 of 8 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
-    assert first.stdout.count("done  ") == 7 and "test_top1" not in first.stdout
-    for name in ["ce", "kd-T2", "kd-T4", "fitnet"]:
+    assert len(commands) == 6 and "/ce/seed1 " in commands[3]
+    assert "5 of 6 runs to do (0 to resume); 2 at a time on the CPU" in first.stdout
+    assert first.stdout.count("done  ") == 5 and "test_top1" not in first.stdout
+    for name in ["ce", "kd-T2", "kd-T4"]:
         for seed in (0, 1):
             config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
             assert (config["seed"], config["val_size"], config["epochs"]) == (seed, 100, 1)
@@ -495,13 +495,13 @@ def test_tiny_study_end_to_end(tiny_study, monkeypatch, capsys):
     section = tiny_study.report.split("## Study: ")[1]
     assert "gain over CE, 95% CI" in section and "(n=2)" in section
     assert "| T=2 | 2 |" in section or "| T=2 (selected) | 2 |" in section
-    assert "fitnet" in section and "The teacher: test top-1 " in section
+    assert "The teacher: test top-1 " in section
     for name in ("study_heatmap_kd.png", "study_curves.png"):
         assert (tiny_study.report_dir / name).exists()
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # as if stopped after its last save
     again = run_in_process("study.py", argv, monkeypatch, capsys)
-    assert again.returncode == 0 and "1 of 8 runs to do (1 to resume)" in again.stdout
+    assert again.returncode == 0 and "1 of 6 runs to do (1 to resume)" in again.stdout
     output = (out / "kd-T4" / "seed1" / study.OUTPUT_FILE).read_text()
     assert [line for line in output.splitlines() if line.startswith("$ ")][-1].endswith(" --resume")
     assert (out / "kd-T4" / "seed1" / "summary.json").exists()
@@ -524,7 +524,7 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     argv[argv.index("--out_dir") + 1] = str(out)
     first = run_in_process("study.py", [*argv, "--wait"], monkeypatch, capsys)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count("\nsubmitted ") == 8 and first.stdout.count("\ndone  ") == 8
+    assert first.stdout.count("\nsubmitted ") == 6 and first.stdout.count("\ndone  ") == 6
     assert "study complete. Report: " in first.stdout
     ours = report(out, "--out", tmp_path / "report", "--no-cost")
     assert "train time (min)" in ours and "## Study: " in ours
@@ -538,7 +538,7 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     assert recorded == [{**launch.settings(study.build_parser().parse_known_args(argv)[0])}]
 
     status = run_in_process("study.py", [*argv, "--status"], monkeypatch, capsys)
-    assert status.returncode == 0 and "8 jobs: 8 done" in status.stdout
+    assert status.returncode == 0 and "6 jobs: 6 done" in status.stdout
 
     (out / "kd-T4" / "seed1" / "summary.json").unlink()  # stopped after its last save...
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "submitit"])
