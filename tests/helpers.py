@@ -1,6 +1,8 @@
 """What several test modules share: paths, short-run flags, running a script in-process, the
 one-line error check, hand-written run folders as kd/train.py writes them, and small training
 pieces. Fixtures live in conftest.py."""
+import contextlib
+import io
 import json
 import os
 import runpy
@@ -33,20 +35,28 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def run_in_process(script, argv: list[str], monkeypatch, capsys) -> SimpleNamespace:
+def run_in_process(script, argv: list[str], monkeypatch, capsys=None) -> SimpleNamespace:
     """Run a script's main() (a path under the repo, or the function) through
     kd.errors.run_script in this process, as `python script argv` would, without seconds of
-    imports; returns its exit code, stdout and stderr."""
+    imports; returns its exit code, stdout and stderr (read from capsys, or captured here when
+    there is none, as in a module-scoped fixture)."""
     main = runpy.run_path(str(REPO / script))["main"] if isinstance(script, str) else script
     monkeypatch.setattr(sys, "argv", [str(script), *map(str, argv)])
     monkeypatch.setattr(kd.errors.signal, "signal", lambda *a: None)  # keep pytest's Ctrl-C
-    try:
-        kd.errors.run_script(main)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as capture:
+        if capsys is None:
+            capture.enter_context(contextlib.redirect_stdout(out))
+            capture.enter_context(contextlib.redirect_stderr(err))
+        try:
+            kd.errors.run_script(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def assert_one_line_error(result, *phrases) -> None:

@@ -77,7 +77,7 @@ def assert_same_run(folder, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130)])  # SIGTERM: the preemption test
 def test_graceful_stop_then_resume_is_exact(reference, fake_data, tmp_path, sig, code):
     folder = tmp_path / "run"
     returncode, stderr = start_and_signal(student_cmd(folder, fake_data), sig, 0.3)

@@ -463,12 +463,14 @@ def tiny_study(fake_data, runs_root, tmp_path_factory) -> SimpleNamespace:
             str(runs_root / "teacher" / "best.pt"), "--teacher_cache", "none", "--method", "kd",
             "--T", "2", "4", "--val_size", "100", "--jobs", "2", "--data_dir", fake_data,
             *COMMON]
-    script = [sys.executable, str(REPO / "study.py")]
-    commands = subprocess.run([*script, *argv, "--dry_run"], capture_output=True, text=True,
-                              cwd=REPO, check=True).stdout.splitlines()
-    subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=REPO)
-    first = subprocess.run([*script, *argv], capture_output=True, text=True, cwd=root,
-                           timeout=600)
+    with pytest.MonkeyPatch.context() as mp:  # study.py in this process: seconds of imports less
+        mp.chdir(REPO)
+        dry_run = run_in_process("study.py", [*argv, "--dry_run"], mp)
+        assert dry_run.returncode == 0, dry_run.stderr
+        commands = dry_run.stdout.splitlines()
+        subprocess.run(commands[3], shell=True, check=True, capture_output=True, cwd=REPO)
+        mp.chdir(root)
+        first = run_in_process("study.py", argv, mp)
     assert first.returncode == 0, first.stdout + first.stderr
     text = report(out, "--out", root / "report", "--no-cost")
     return SimpleNamespace(out=out, argv=argv, commands=commands, first=first, report=text,
