@@ -604,14 +604,15 @@ def submit_study(args: argparse.Namespace, jobs: list[Job]) -> None:
                   f"{os.path.join(args.out_dir, launch.LOG_DIR)}; the same command with --status "
                   f"shows how they are, and without it resubmits the failed ones", flush=True)
             return
-        wait_for_jobs([job for job in todo if job.name in submitted], args)
+        wait_for_jobs(todo, args)  # those submitted now and those alive from before
+        records = launch.read_jobs(args.out_dir)
         failed = []
         for job in todo:
             if os.path.exists(job.cache_file) if job.builds_cache else to_do(job) == "done":
                 print(f"done  {job.name}{result_line(job)}", flush=True)
             else:
-                failed.append((job, f"job {submitted[job.name]['job_id']} ended, the run did "
-                                    f"not finish"))
+                failed.append((job, f"job {records.get(job.name, {}).get('job_id', '?')} ended, "
+                                    f"the run did not finish"))
     if failed:
         say(failure_report(with_job_log(failed, args.out_dir), len(todo)))
         sys.exit(1)
@@ -627,7 +628,9 @@ def wait_for_jobs(todo: list[Job], args: argparse.Namespace) -> None:
                      if args.launcher == "submitit_local" else "the jobs go on on the cluster")
             raise StopRequested(f"stopped waiting; {where}; --status shows how they are, the "
                                 f"same command resubmits failed ones")
-        time.sleep(poll_s)
+        polled = time.monotonic()
+        while time.monotonic() - polled < poll_s and not stop_requested():  # Ctrl-C acts now
+            time.sleep(0.5)
 
 
 def print_report_command(out_dir: str) -> None:

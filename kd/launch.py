@@ -12,6 +12,7 @@ study.py resubmits all continue the run exactly as an uninterrupted one.
 """
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
 from submitit.helpers import DelayedSubmission
 
 from kd.checkpoint import write_json
-from kd.errors import UserError, stop_requested, stops_deferred
+from kd.errors import UserError, stop_requested, stop_signals, stops_deferred
 from kd.flags import number, positive_int
 from kd.rundir import rerun_flags
 
@@ -37,6 +38,7 @@ LAUNCHERS = ("local", "submitit_local", "slurm")
 JOBS_FILE = "jobs.json"  # in the study folder: the job id of each run submitted
 LOG_DIR = "submitit"  # below the study folder: submitit's pickles and each job's own log
 STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGHUP}  # kd.errors
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 STOP_WAIT_S = 600  # how long a stopping run may take to reach its next step and exit
 REQUEUE_WAIT_S = 180  # how long a job whose run was stopped by a signal waits for the requeue
 # scheduler states (sacct) of a job that may still run; submitit's own list of unfinished ones
@@ -112,6 +114,9 @@ def check(args: argparse.Namespace) -> None:
                         f"cluster is reachable from here (run study.py on a login node); "
                         f"--launcher local runs the study on this machine, --launcher "
                         f"submitit_local through submitit's local executor")
+    if args.launcher == "slurm" and args.wait and shutil.which("sacct") is None:
+        raise UserError("--wait: no sacct on PATH, so the jobs' states cannot be read and the "
+                        "wait would not end; submit without --wait and use --status")
     if args.gpus_per_run > args.gpus_per_node:
         raise UserError(f"--gpus_per_run {args.gpus_per_run} is more than a node has "
                         f"(--gpus_per_node {args.gpus_per_node}); use --nodes_per_run to span "
@@ -170,7 +175,7 @@ class RunJob:
             # meant for this process; its own session keeps a terminal's Ctrl-C away from it
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=lambda: signal.signal(preempt, signal.SIG_IGN))
+                preexec_fn=lambda: run_preexec(preempt))
             try:
                 while (code := self._process.poll()) is None:
                     time.sleep(0.2)
@@ -205,6 +210,15 @@ class RunJob:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_process": None}  # the process is this start's only
+
+
+def run_preexec(preempt: signal.Signals) -> None:
+    """In the run's process before it starts: ignore the job's preemption warning (meant for
+    RunJob, which stops the run itself), and on Linux get SIGTERM, a clean stop, if RunJob dies
+    (killed by the local executor or the OOM killer), so no orphan trains on in the folder."""
+    signal.signal(preempt, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def ddp_env(environment: submitit.JobEnvironment) -> dict[str, str]:
@@ -263,6 +277,10 @@ def read_jobs(out_dir: str) -> dict[str, dict]:
             jobs = json.load(f)["runs"]
         if not isinstance(jobs, dict):
             raise TypeError("its runs are not a mapping")
+        broken = [name for name, entry in jobs.items()
+                  if not (isinstance(entry, dict) and {"job_id", "folder"} <= set(entry))]
+        if broken:
+            raise TypeError(f"the entry of {broken[0]} lacks its job_id or folder")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read {path} ({e}); move it away") from None
     return jobs
@@ -338,8 +356,8 @@ def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str,
               f"job dependencies", flush=True)
         while alive(local_state(records["teacher cache"])) and not stop_requested():
             time.sleep(0.5)
-        cache_file = next(job.config["teacher_cache"] for job in runs if job.reads_cache)
-        if stop_requested() or not os.path.exists(cache_file):
+        cache_file = next((job.config["teacher_cache"] for job in runs if job.reads_cache), None)
+        if stop_requested() or (cache_file and not os.path.exists(cache_file)):
             return submitted  # the caller names the runs left unsubmitted
         after = None
     if runs:
@@ -355,10 +373,14 @@ def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str,
 def submit_jobs(ex: submitit.AutoExecutor, jobs: list, args: argparse.Namespace, out_dir: str,
                 records: dict[str, dict]) -> dict[str, dict]:
     """Submit jobs (several: one job array) and record their ids in jobs.json; a stop signal
-    meanwhile acts once they are recorded."""
+    meanwhile acts once they are recorded. On SLURM the stop signals are also blocked while
+    sbatch runs: it inherits the mask, so a Ctrl-C in the terminal cannot kill it after the
+    cluster accepted the jobs and before their ids are recorded (local jobs, started here, keep
+    theirs so that Ctrl-C still reaches them)."""
     with stops_deferred():
         try:  # submitit also prints sbatch's refusal: the error below says it once
-            with contextlib.redirect_stderr(io.StringIO()), ex.batch():
+            with contextlib.redirect_stderr(io.StringIO()), \
+                    stop_signals_blocked(args.launcher == "slurm"), ex.batch():
                 handles = [ex.submit(run_job(job, args.max_requeues)) for job in jobs]
         except (FailedJobError, FailedSubmissionError, subprocess.SubprocessError, OSError,
                 ValueError) as e:
@@ -373,6 +395,20 @@ def submit_jobs(ex: submitit.AutoExecutor, jobs: list, args: argparse.Namespace,
     for job, handle in zip(jobs, handles):
         print(f"submitted {job.name}: job {handle.job_id}", flush=True)
     return new
+
+
+@contextlib.contextmanager
+def stop_signals_blocked(block: bool):
+    """Block the stop signals in the block (and the processes started there) when block is
+    true; pending ones are delivered when it ends."""
+    if not block:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_job(job, max_requeues: int) -> RunJob:

@@ -125,6 +125,10 @@ def test_slurm_refusals_are_one_line_and_write_nothing(slurm, study_argv, tmp_pa
             (["--sbatch", "=x"], "--sbatch =x: give an #SBATCH option as KEY=VALUE")]:
         assert_one_line_error(in_process("study.py", [*study_argv, *flags]), phrase)
         assert not out.exists()
+    (slurm / "sacct").rename(slurm / "sacct.off")  # no accounting: --wait could never end
+    assert_one_line_error(in_process("study.py", [*study_argv, "--wait"]), "--wait: no sacct")
+    assert not out.exists()
+    (slurm / "sacct.off").rename(slurm / "sacct")
     with monkeypatch.context() as m:
         m.setenv("PATH", os.defpath)  # no SLURM here
         missing = in_process("study.py", study_argv)

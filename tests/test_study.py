@@ -560,6 +560,16 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     status = run_in_process("study.py", [*argv, "--status"], monkeypatch, capsys)
     assert f"failed   kd-T4/seed1  job {alive.pid} ended: no process" in status.stdout
 
+    # --wait waits for a job alive from an earlier submission too, then names its unfinished run
+    brief = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)", "submitit"])
+    jobs["kd-T4/seed1"]["job_id"] = str(brief.pid)
+    (out / launch.JOBS_FILE).write_text(json.dumps({"runs": jobs}))
+    waited = run_in_process("study.py", [*argv, "--wait"], monkeypatch, capsys)
+    brief.wait()
+    assert waited.returncode == 1 and "Traceback" not in waited.stderr, waited.stderr
+    assert "running  kd-T4/seed1" in waited.stdout
+    assert f"kd-T4/seed1: job {brief.pid} ended, the run did not finish" in waited.stderr
+
 
 def without_train_time(text: str) -> str:
     """A report without its train time column: wall-clock time differs between any two runs."""
