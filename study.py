@@ -337,8 +337,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     progress_shown = time.perf_counter()
     env = dict(os.environ)
     if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
-        share, asked = max(1, (os.cpu_count() or 1) // len(slots)), env.get("OMP_NUM_THREADS", "")
-        env["OMP_NUM_THREADS"] = str(min(share, max(1, int(asked))) if asked.isdigit() else share)
+        env["OMP_NUM_THREADS"] = launch.threads_per_run(len(slots))
 
     def quit_runs_too(signum, frame) -> None:  # the second stop signal quits the runs at once
         if stop_requested():

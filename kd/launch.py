@@ -234,6 +234,14 @@ def ddp_env(environment: submitit.JobEnvironment) -> dict[str, str]:
             "MASTER_PORT": str(20000 + int(job_digits) % 20000)}  # one per job on a shared node
 
 
+def threads_per_run(n_at_once: int) -> str:
+    """OMP_NUM_THREADS for each of n_at_once runs side by side on this machine's CPU: an equal
+    share of the cores, and never more than an OMP_NUM_THREADS already set asks for."""
+    share = max(1, (os.cpu_count() or 1) // max(1, n_at_once))
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return str(min(share, max(1, int(asked))) if asked.isdigit() else share)
+
+
 def executor(args: argparse.Namespace, out_dir: str, n_at_once: int) -> submitit.AutoExecutor:
     """submitit's executor for the study's jobs, their logs below OUT_DIR/submitit (in a folder
     per job on SLURM).
@@ -246,9 +254,7 @@ def executor(args: argparse.Namespace, out_dir: str, n_at_once: int) -> submitit
     variables = [f"PYTHONPATH={path}"]
     local = args.launcher == "submitit_local"
     if local:
-        asked, share = os.environ.get("OMP_NUM_THREADS", ""), max(1, (os.cpu_count() or 1)
-                                                                  // max(1, n_at_once))
-        variables.append(f"OMP_NUM_THREADS={min(share, int(asked)) if asked.isdigit() else share}")
+        variables.append(f"OMP_NUM_THREADS={threads_per_run(n_at_once)}")
     python = shlex.join(["env", *variables, sys.executable])
     folder = os.path.join(out_dir, LOG_DIR, "" if local else "%j")  # local: one folder
     ex = submitit.AutoExecutor(folder=folder,
