@@ -71,6 +71,7 @@ class Job:
     argv: list[str]
     out_dir: str  # the run folder, where its output log goes too
     config: dict = field(default_factory=dict)  # the settings its run folder must have
+    env: dict = field(default_factory=dict)  # variables it runs with, whichever launcher (run_env)
 
     @property
     def builds_cache(self) -> bool:
@@ -96,13 +97,15 @@ class Job:
         return os.path.join(self.out_dir, OUTPUT_FILE)
 
     def command(self, *, shown: bool = True) -> list[str]:
-        """The command line, with the interpreter that runs the study; shown: as printed, the
-        script's path relative to the current folder when it lies below it."""
+        """The command line, with the interpreter that runs the study; shown: as a shell runs
+        it, its variables first and the script's path relative to the current folder when it
+        lies below it (else the argv of a process started with env=self.env)."""
         if self.builds_cache:
             target = ["-m", self.script]
         else:
             target = [shown_path(REPO / self.script) if shown else str(REPO / self.script)]
-        return [sys.executable, *target, *self.argv]  # the interpreter running the study
+        variables = [f"{name}={value}" for name, value in self.env.items()] if shown else []
+        return [*variables, sys.executable, *target, *self.argv]  # the study's interpreter
 
 
 def shown_path(path: Path) -> str:
@@ -328,6 +331,17 @@ def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
 
 
+def run_env(slots: list[str | None]) -> dict[str, str]:
+    """The variables every job of the study runs with, whichever launcher starts it or prints its
+    command: on the CPU, when several runs go side by side, its share of the cores
+    (kd.launch.threads_per_run). A CPU run's sums come out differently, at float rounding, with
+    another thread count, so a run's thread count is the study's to set, not the launcher's.
+    Nothing for one run at a time (it takes the threads torch gives it) or on GPUs."""
+    if slots[0] is not None or len(slots) == 1:
+        return {}
+    return {"OMP_NUM_THREADS": launch.threads_per_run(len(slots))}
+
+
 def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     """Run the jobs in order, at most one per slot at a time, the runs that read the teacher
     cache after its build; returns each failed job with why. On a stop signal (Ctrl-C, SIGTERM,
@@ -335,9 +349,6 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
     last.pt) before this returns or raises; a second stop signal kills them and quits at once."""
     pending, running, failed, finished = list(jobs), {}, [], 0
     progress_shown = time.perf_counter()
-    env = dict(os.environ)
-    if slots[0] is None and len(slots) > 1:  # CPU runs side by side share the cores
-        env["OMP_NUM_THREADS"] = launch.threads_per_run(len(slots))
 
     def quit_runs_too(signum, frame) -> None:  # the second stop signal quits the runs at once
         if stop_requested():
@@ -356,7 +367,7 @@ def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
                 if job is None or stop_requested():
                     break
                 pending.remove(job)
-                running[slot] = start(job, slots[slot], env)
+                running[slot] = start(job, slots[slot])
             time.sleep(0.2)
             if running and time.perf_counter() - progress_shown > PROGRESS_EVERY_S:
                 print("running: " + ", ".join(progress(r[0]) for r in running.values()), flush=True)
@@ -408,7 +419,7 @@ def progress(job: Job) -> str:
     return f"{job.name} epoch {done}/{job.config.get('epochs', '?')}"
 
 
-def start(job: Job, gpu: str | None, env: dict) -> tuple:
+def start(job: Job, gpu: str | None) -> tuple:
     """Start the job on gpu (None: the CPU), its output appended to its folder's log."""
     try:
         os.makedirs(job.out_dir, exist_ok=True)
@@ -417,7 +428,8 @@ def start(job: Job, gpu: str | None, env: dict) -> tuple:
         log.flush()
         visible = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
         process = subprocess.Popen(job.command(shown=False), stdout=log, stderr=subprocess.STDOUT,
-                                   env={**env, **visible}, start_new_session=True)
+                                   env={**os.environ, **job.env, **visible},
+                                   start_new_session=True)
     except OSError as e:
         raise UserError(f"cannot start {job.name} in {job.out_dir}: {e}") from None
     print(f"start {job.name}" + (f" (GPU {gpu})" if visible else ""), flush=True)
@@ -641,6 +653,9 @@ def print_report_command(out_dir: str) -> None:
 def main() -> None:
     args, rest = build_parser().parse_known_args()
     jobs = plan(args, flag_values(rest))
+    slots = None if args.launcher == "slurm" else gpu_slots(jobs[-1].config["device"], args.jobs)
+    for job in jobs:  # this machine's launchers and --dry_run alike (a cluster's nodes: their own)
+        job.env = run_env(slots) if slots else {}
     if args.dry_run:
         todo = still_to_do(jobs)
         record_command(args.out_dir)  # marks the folder as a study for the report
@@ -660,7 +675,6 @@ def main() -> None:
     if args.launcher != "local":
         submit_study(args, jobs)
         return
-    slots = gpu_slots(jobs[-1].config["device"], args.jobs)
     with only_study_running(args.out_dir):
         todo = still_to_do(jobs)
         going = [name for name, state in recorded_states(todo, args.out_dir).items()

@@ -150,9 +150,10 @@ class RunJob:
     existence means it is done. With several tasks (GPUs), each task runs the command as one
     torchrun process would (ddp_env)."""
 
-    def __init__(self, command: list[str], log: str, *, out_dir: str | None = None,
-                 done_file: str | None = None, max_requeues: int = 3):
-        self.command, self.log, self.out_dir, self.done_file = command, log, out_dir, done_file
+    def __init__(self, command: list[str], env: dict[str, str], log: str, *,
+                 out_dir: str | None = None, done_file: str | None = None, max_requeues: int = 3):
+        self.command, self.env, self.log = command, env, log
+        self.out_dir, self.done_file = out_dir, done_file
         self.max_requeues, self.requeues = max_requeues, 0
         self._process = None
 
@@ -163,13 +164,14 @@ class RunJob:
         if flags is None:
             return "done before"
         environment = submitit.JobEnvironment()
-        env = {**os.environ, **ddp_env(environment)}
+        env = {**os.environ, **self.env, **ddp_env(environment)}
         command = [*self.command, *flags]
         preempt = signal.Signals["SIG" + environment.USR_SIG]
         os.makedirs(os.path.dirname(self.log), exist_ok=True)
         with open(self.log, "a") as log:
             if environment.global_rank == 0:
-                log.write(f"$ {shlex.join(command)}\n")
+                variables = [f"{name}={value}" for name, value in self.env.items()]
+                log.write(f"$ {shlex.join([*variables, *command])}\n")
                 log.flush()
             # SLURM may signal every process of the job: the run must not die of the warning
             # meant for this process; its own session keeps a terminal's Ctrl-C away from it
@@ -236,26 +238,24 @@ def ddp_env(environment: submitit.JobEnvironment) -> dict[str, str]:
 
 def threads_per_run(n_at_once: int) -> str:
     """OMP_NUM_THREADS for each of n_at_once runs side by side on this machine's CPU: an equal
-    share of the cores, and never more than an OMP_NUM_THREADS already set asks for."""
-    share = max(1, (os.cpu_count() or 1) // max(1, n_at_once))
+    share of the cores this process may use, and never more than an OMP_NUM_THREADS already set
+    asks for."""
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, n_at_once))
     asked = os.environ.get("OMP_NUM_THREADS", "")
     return str(min(share, max(1, int(asked))) if asked.isdigit() else share)
 
 
-def executor(args: argparse.Namespace, out_dir: str, n_at_once: int) -> submitit.AutoExecutor:
+def executor(args: argparse.Namespace, out_dir: str) -> submitit.AutoExecutor:
     """submitit's executor for the study's jobs, their logs below OUT_DIR/submitit (in a folder
     per job on SLURM).
 
     The jobs' Python is this one, with this repository first on its path (the job unpickles
-    RunJob from kd.launch). Local jobs all start at once: their runs share the cores, as the
-    local launcher's do."""
+    RunJob from kd.launch). Local jobs all start at once; each run gets the threads the study
+    gives it (study.run_env), as under the local launcher."""
     path = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                             *filter(None, [os.environ.get("PYTHONPATH")])])
-    variables = [f"PYTHONPATH={path}"]
     local = args.launcher == "submitit_local"
-    if local:
-        variables.append(f"OMP_NUM_THREADS={threads_per_run(n_at_once)}")
-    python = shlex.join(["env", *variables, sys.executable])
+    python = shlex.join(["env", f"PYTHONPATH={path}", sys.executable])
     folder = os.path.join(out_dir, LOG_DIR, "" if local else "%j")  # local: one folder
     ex = submitit.AutoExecutor(folder=folder,
                                cluster="local" if local else "slurm",
@@ -353,7 +353,7 @@ def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str,
     submitted = {}
     for job in todo:
         if job.builds_cache:
-            submitted.update(submit_jobs(executor(args, out_dir, 1), [job], args, out_dir,
+            submitted.update(submit_jobs(executor(args, out_dir), [job], args, out_dir,
                                          records))
             building = True
     after = records["teacher cache"]["job_id"] if building and runs else None
@@ -367,7 +367,7 @@ def submit(todo: list, args: argparse.Namespace, out_dir: str, states: dict[str,
             return submitted  # the caller names the runs left unsubmitted
         after = None
     if runs:
-        ex = executor(args, out_dir, len(runs))
+        ex = executor(args, out_dir)
         if after is not None:
             ex.update_parameters(slurm_dependency=f"afterok:{after}",
                                  slurm_additional_parameters={**sbatch_options(args.sbatch),
@@ -422,9 +422,10 @@ def run_job(job, max_requeues: int) -> RunJob:
     resume it left for each start to decide."""
     command = [t for t in job.command(shown=False) if t not in ("--resume", "--overwrite")]
     if job.builds_cache:
-        return RunJob(command, job.output_log, done_file=job.cache_file,
+        return RunJob(command, job.env, job.output_log, done_file=job.cache_file,
                       max_requeues=max_requeues)
-    return RunJob(command, job.output_log, out_dir=job.out_dir, max_requeues=max_requeues)
+    return RunJob(command, job.env, job.output_log, out_dir=job.out_dir,
+                  max_requeues=max_requeues)
 
 
 def log_tail(entry: dict, lines: int = 8) -> list[str]:

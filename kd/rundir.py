@@ -30,7 +30,7 @@ RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "lo
 EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
                   "per_rank_batch_size", "resume", "overwrite", "out_dir", "data_dir", "download",
                   "device", "compile", "eval_batch_size", "save_every", "teacher_ckpt",
-                  "teacher_cache"}
+                  "teacher_cache", "cpu_threads"}
 
 
 def existing_run_files(out_dir: str) -> list[str]:
@@ -95,11 +95,13 @@ def git_commit() -> str | None:
 
 
 def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world) -> dict:
-    """Every resolved flag plus what is needed to rebuild the model and reproduce the run."""
+    """Every resolved flag plus what is needed to rebuild the model and reproduce the run (on the
+    CPU, the thread count too: other counts sum in another order, equal to float rounding)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {**vars(args), **arch, "command": shlex.join(sys.argv), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "device_name": device_name,
-            "git_commit": git_commit(), "world_size": world.size,
+            "cpu_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "world_size": world.size,
             "per_rank_batch_size": args.batch_size // world.size}
 
 

@@ -31,6 +31,7 @@ from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, 
 
 # Training settings that are not flags; kd.bench measures with the same ones.
 MEMORY_FORMAT = torch.channels_last  # the loader's layout; cuDNN's fast depthwise convs need it
+TIMING_COLUMNS = ("epoch_time_s", "train_img_per_s")  # log.csv's last: wall-clock time
 CUDNN_BENCHMARK = True  # static shapes: the fastest kernels are searched for once
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # see kd.losses
 # The teacher's logits of a training batch from (images, view keys): the live teacher's forward,
@@ -150,8 +151,8 @@ class Record:
         """Log the epoch's row (training stats, then the evaluation columns test_*, val_*) and
         write its checkpoints: best.pt and logits_best.pt when it is the best yet, last.pt and
         logits_last.pt every --save_every epochs and at the end."""
-        timing = ("epoch_time_s", "train_img_per_s")  # log.csv's last columns
-        row = {**{k: v for k, v in row.items() if k not in timing}, **{k: row[k] for k in timing}}
+        row = {**{k: v for k, v in row.items() if k not in TIMING_COLUMNS},
+               **{k: row[k] for k in TIMING_COLUMNS}}
         metrics = {k: v for k, v in row.items() if k.startswith(("test_", "val_"))}
         self.epoch, self.last = row["epoch"], {"epoch": row["epoch"], **metrics}
         self.elapsed_s += time.perf_counter() - self.clock  # with the last epoch's writes

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd.metrics import BLOWN_UP_FACTOR
 from kd.models import build_model, model_name
 from kd.timing import cpu_name, measure as time_call
 from plots.rundata import Run
@@ -113,7 +114,8 @@ def deployed_rows(run: Run, batches: list[str]) -> list[list[str]]:
     checkpoint = f"{record.get('checkpoint')}, epoch {record.get('epoch')}"
     for form in record["forms"]:
         size = form.get("size_bytes")
-        rows.append([run.label, checkpoint, form["form"], f"{form['test_top1']:.2f}",
+        label = run.label + (" (blown up)" if record.get("blown_up") else "")
+        rows.append([label, checkpoint, form["form"], f"{form['test_top1']:.2f}",
                      f"{form['top1_agreement']:.2f}", f"{form['max_abs_logit_diff']:.1e}",
                      f"{size / 1e6:.2f}" if isinstance(size, int) else "–",
                      *(f"{t['median']:.2f} / {t['p90']:.2f}" if t else "–"
@@ -141,9 +143,11 @@ def deployed_section(runs: list[Run]) -> str | None:
             f"[--int8]` and read from its `export/validation.json`. Test top-1 on the run's whole "
             f"test split, computed by PyTorch (float32) and by ONNX Runtime's CPU provider; "
             f"*agree*: the share of test images whose top-1 equals PyTorch's; *max abs logit "
-            f"diff*: the largest difference from PyTorch's logits. Latency per batch of test "
-            f"images, median / p90 in ms, every form timed alike (so PyTorch's here can differ "
-            f"from the table above, timed on an untrained model with torch's threads). {where}")
+            f"diff*: the largest difference from PyTorch's logits; *(blown up)*: a checkpoint "
+            f"whose test NLL is over {BLOWN_UP_FACTOR}x a uniform prediction's, exported exactly "
+            f"and useless. Latency per batch of test images, median / p90 in ms, every form "
+            f"timed alike (so PyTorch's here can differ from the table above, timed on an "
+            f"untrained model with torch's threads). {where}")
     batches = batch_sizes(exported)
     rows = [row for run in exported for row in deployed_rows(run, batches)]
     return "\n\n".join(["### Deployed forms", note,

@@ -8,6 +8,7 @@ from helpers import RunsCode
 from kd.data import (CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, PAD, DeviceLoader, Split, derive_seed,
                      load_cifar100, load_split, view_pixels)
 from kd.errors import UserError
+from kd.synthetic import write_fake_cifar100
 
 
 def test_load_reads_the_cifar_format(fake_data):
@@ -20,6 +21,21 @@ def test_load_reads_the_cifar_format(fake_data):
     raw = pickle.load(open(os.path.join(fake_data, "cifar-100-python", "train"), "rb"),
                       encoding="latin1")
     assert torch.equal(images[7].reshape(-1), torch.from_numpy(raw["data"][7]))  # CHW plane order
+
+
+def test_a_smaller_generated_set_is_the_start_of_a_larger_one(fake_data, tmp_path):
+    """The demo's teacher trains on a superset of its students' images, tested on the same
+    test split: for one seed, the training sets nest and the test split is the same."""
+    write_fake_cifar100(str(tmp_path), n_train=450, n_test=100, seed=0)
+    small, large = load_split(fake_data, train=True), load_split(str(tmp_path), train=True)
+    assert len(small) == 300 and len(large) == 450
+    assert torch.equal(large.images[:300], small.images)
+    assert torch.equal(large.labels[:300], small.labels)
+    assert torch.equal(load_split(str(tmp_path), train=False).images,
+                       load_split(fake_data, train=False).images)
+    assert sorted(torch.bincount(large.labels, minlength=100).tolist()) == [4] * 50 + [5] * 50
+    write_fake_cifar100(str(tmp_path / "other"), n_train=300, n_test=100, seed=1)
+    assert not torch.equal(load_split(str(tmp_path / "other"), train=True).images, small.images)
 
 
 def test_missing_folder_without_download_is_a_user_error(tmp_path):

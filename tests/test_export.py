@@ -85,6 +85,7 @@ def test_export_writes_both_models_and_every_field(student_run):
             assert form["size_bytes"] == (out / form["file"]).stat().st_size
     fp32, int8 = record["forms"][1:]
     assert fp32["top1_agreement"] == 100 and fp32["max_abs_logit_diff"] < 1e-3
+    assert fp32["images_beyond_bound"] == 0 and not record["blown_up"]
     assert int8["size_bytes"] < fp32["size_bytes"] / 2
     assert int8["top1_change_points"] == pytest.approx(int8["test_top1"] - fp32["test_top1"])
 
@@ -228,12 +229,74 @@ def test_overwrite_never_replaces_a_run_folder(student_run, in_process):
 def test_an_export_that_differs_from_pytorch_fails_and_writes_nothing(student_run, tmp_path,
                                                                        in_process, monkeypatch,
                                                                        reexport):
-    monkeypatch.setattr(kd.export, "MAX_LOGIT_DIFF", 0.0)  # no float32 export can be that close
+    monkeypatch.setattr(kd.export, "LOGIT_ATOL", 0.0)  # no float32 export can be that close
+    monkeypatch.setattr(kd.export, "LOGIT_RTOL", 0.0)
     result = in_process(kd.export.main, [student_run, "--out", tmp_path / "x",
                                          "--timed_runs", "1"])
-    assert_one_line_error(result, "the ONNX model is not the model", "bound 0",
-                          "nothing written")
+    assert_one_line_error(result, "the ONNX model is not the model", "of the 100 test images",
+                          "beyond 0 + 0 x the image's largest |logit|", "nothing written")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_fp32_bound_is_absolute_plus_relative_to_each_images_scale():
+    reference = torch.tensor([[1e10, 5e9, 0.0],  # huge logits
+                              [10.0, 3.0, -2.0],  # a trained model's scale
+                              [10.0, 10.0 - 1e-3, 0.0]], dtype=torch.float64)  # a near tie
+    labels = torch.tensor([0, 0, 1])
+
+    def beyond(change: list[list[float]]) -> int:
+        return kd.export.compare(reference + torch.tensor(change, dtype=torch.float64),
+                                 reference, labels)["images_beyond_bound"]
+
+    within = [[1.02e4, 0, 0], [0, 9e-4, 0], [0, 0, 0]]  # 1e-6 of the scale; under 1e-3 + 1e-4
+    assert beyond(within) == 0
+    record = kd.export.compare(reference + torch.tensor(within), reference, labels)
+    assert record["max_abs_logit_diff"] == pytest.approx(1.02e4)
+    assert record["max_rel_logit_diff"] == pytest.approx(9e-5)  # the second image's 9e-4 of 10
+    flip = [[0, 0, 0], [0, 0, 0], [-6e-4, 6e-4, 0]]  # within the bound, the tie flips
+    assert beyond(flip) == 0
+    record = kd.export.compare(reference + torch.tensor(flip), reference, labels)
+    assert record["top1_agreement"] == pytest.approx(200 / 3)  # counted, and allowed
+    assert beyond([[2e5, 0, 0], [0, 0, 0], [0, 0, 0]]) == 1  # 2e-5 of the scale
+    assert beyond([[0, 0, 0], [0, 1.2e-3, 0], [0, 0, 0]]) == 1  # the absolute bound at scale 10
+    assert beyond([[0, 0, 0], [-7.0, 0, 0], [0, 0, 0]]) == 1  # not a tie: beyond, top-1 flips
+
+
+@pytest.fixture(scope="module")
+def huge_logits_run(student_run, tmp_path_factory):
+    """A copy of the fixture's run whose best.pt has its classifier scaled by 1e12 (logits of
+    ~1e9, as in a run that blew up), exported with kd.export; with what it printed."""
+    folder = tmp_path_factory.mktemp("huge") / "student"
+    shutil.copytree(student_run, folder, ignore=shutil.ignore_patterns(EXPORT_DIR))
+    ckpt = torch.load(folder / "best.pt", weights_only=True)
+    head = [k for k in ckpt["model"] if k.startswith("classifier.")][-2:]  # last weight, bias
+    for key in head:
+        ckpt["model"][key] = ckpt["model"][key] * 1e12
+    torch.save(ckpt, folder / "best.pt")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        kd.export.main([str(folder), "--timed_runs", "1", "--no-download"])
+    return folder, printed.getvalue()
+
+
+def test_huge_logits_export_as_exact_and_are_named_blown_up(huge_logits_run, fake_data,
+                                                             tmp_path):
+    folder, printed = huge_logits_run
+    record = validation(folder)
+    pytorch, fp32 = record["forms"]
+    model, _ = load_model(str(folder / "best.pt"))
+    with torch.no_grad():
+        logits = model.eval()(normalize(load_split(fake_data, train=False).images))
+    assert logits.abs().amax(1).min() > 1e9  # every image's logits at that scale
+    assert fp32["images_beyond_bound"] == 0 and fp32["top1_agreement"] == 100
+    assert fp32["max_abs_logit_diff"] > kd.export.LOGIT_ATOL  # an absolute bound alone refuses
+    assert fp32["max_rel_logit_diff"] < kd.export.LOGIT_RTOL
+    assert record["blown_up"] and pytorch["test_nll"] > 1e6
+    assert "warning: this checkpoint has blown up: its test NLL is " in printed
+    text = report(folder, "--out", tmp_path / "plots", "--no-cost")
+    section = text[text.index("### Deployed forms"):]
+    rows = [line for line in section.splitlines() if line.startswith("| student")]
+    assert rows and all(row.startswith("| student (blown up) | ") for row in rows)
 
 
 def foreign_checkpoints(tmp_path):

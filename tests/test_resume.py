@@ -204,8 +204,8 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_exactly(reference, fak
     the weights of an uninterrupted run."""
     folder = tmp_path / "run"
     args = study.build_parser().parse_args(["--launcher", "submitit_local"])
-    executor = launch.executor(args, str(tmp_path), n_at_once=1)
-    job = executor.submit(launch.RunJob(student_cmd(folder, fake_data),
+    executor = launch.executor(args, str(tmp_path))
+    job = executor.submit(launch.RunJob(student_cmd(folder, fake_data), {},
                                         str(folder / study.OUTPUT_FILE), out_dir=str(folder)))
     deadline = time.monotonic() + 120
     while not (folder / "last.pt").exists():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ import study
 from kd import launch
 from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
+from kd.train import TIMING_COLUMNS
 from plots.rundata import load_runs
 from plots.study import gain, paired_interval, read_study, study_section, t_quantile
 from helpers import STUDENT, fake_logits, report, write_run
@@ -532,6 +534,15 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     assert "train time (min)" in ours and "## Study: " in ours
     assert without_train_time(ours.replace(str(out), "STUDY")) == \
         without_train_time(tiny_study.report.replace(str(tiny_study.out), "STUDY"))
+    for job in planned(argv):  # the same experiments: every logged value, timing aside
+        ran = {}
+        for root in (out, tiny_study.out):
+            folder = root / Path(job.out_dir).relative_to(out)
+            ran[root] = (json.loads((folder / "config.json").read_text())["cpu_threads"],
+                         pd.read_csv(folder / "log.csv").drop(columns=list(TIMING_COLUMNS)))
+        (threads, ours_log), (local_threads, local_log) = ran.values()
+        assert threads == local_threads == int(launch.threads_per_run(2)), job.name  # --jobs 2
+        pd.testing.assert_frame_equal(ours_log, local_log, check_exact=True, obj=job.name)
     jobs = json.loads((out / launch.JOBS_FILE).read_text())["runs"]
     assert sorted(jobs) == sorted(job.name for job in planned(argv))
     assert all(Path(entry["folder"], f"{entry['job_id']}_0_log.out").exists()
