@@ -12,8 +12,6 @@ import stat
 import sys
 from typing import Callable
 
-import torch.distributed as dist
-
 
 class UserError(Exception):
     """Bad input or an environment problem the user can fix; the message says how."""
@@ -89,6 +87,7 @@ def stops_deferred():
 
 def run_script(main: Callable[[], object]) -> None:
     """Run a command's main(): UserError and stop signals become one line and an exit code."""
+    import torch.distributed as dist  # here: kd.job's processes import this module without torch
     for sig in stop_signals():
         signal.signal(sig, on_signal)
     try:

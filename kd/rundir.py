@@ -5,6 +5,9 @@ experiment). study.py and the report ask this module; nothing else decides.
 Nothing in an existing run folder is touched until every input has been checked: the folder is
 only checked by `check_out_dir` (before models and data load) and only emptied by
 `reset_out_dir` (right before the first write).
+
+It imports neither torch nor torchvision at import time (run_config and made_by do, when called):
+kd.job's job processes ask it how to start a run and must start in a fraction of a second.
 """
 import argparse
 import json
@@ -13,11 +16,7 @@ import shlex
 import subprocess
 import sys
 
-import torch
-import torchvision
-
 from kd.errors import UserError
-from kd.models import TEACHER_ARCH
 
 STUDY_FILE = "study.json"  # marks a study folder (study.py's --out_dir) and records its commands
 EXPORT_DIR = "export"  # kd.export's default --out inside a run folder, where the report looks
@@ -94,9 +93,11 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_config(args: argparse.Namespace, device: torch.device, arch: dict, world) -> dict:
+def run_config(args: argparse.Namespace, device, arch: dict, world) -> dict:
     """Every resolved flag plus what is needed to rebuild the model and reproduce the run (on the
     CPU, the thread count too: other counts sum in another order, equal to float rounding)."""
+    import torch  # here, not at the top (see the module docstring)
+    import torchvision
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {**vars(args), **arch, "command": shlex.join(sys.argv), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "device_name": device_name,
@@ -123,6 +124,7 @@ def is_distilled(config: dict, log_columns=()) -> bool:
 
 def made_by(config: dict) -> str:
     """The script that made a run with this config."""
+    from kd.models import TEACHER_ARCH  # here: kd.models imports torchvision (module docstring)
     if is_distilled(config):
         return "distill_student.py"
     return "train_teacher.py" if config.get("arch") == TEACHER_ARCH else "train_student.py"

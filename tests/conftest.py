@@ -1,8 +1,6 @@
 """Fixtures shared by the test modules: generated data and a teacher trained once per session.
 Helper functions and constants are in helpers.py."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +19,15 @@ def fake_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def runs_root(fake_data, tmp_path_factory) -> Path:
-    """A folder holding `teacher`: train_teacher.py run as a user runs it, from scratch at 32 px,
-    trained once per session for every test that needs a teacher checkpoint; the pipeline tests
-    add their runs beside it."""
+    """A folder holding `teacher`: train_teacher.py's main() as `python train_teacher.py` runs
+    it, from scratch at 32 px, trained once per session for every test that needs a teacher
+    checkpoint; the pipeline tests add their runs beside it."""
     root = tmp_path_factory.mktemp("runs")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_teacher.py"), "--out_dir", str(root / "teacher"),
-         "--pretrained", "none", "--img_size", "32", "--lr", "0.02", "--data_dir", fake_data,
-         *TINY_RUN], cwd=REPO, capture_output=True, text=True, timeout=600)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        result = run_in_process("train_teacher.py", [
+            "--out_dir", root / "teacher", "--pretrained", "none", "--img_size", "32", "--lr",
+            "0.02", "--data_dir", fake_data, *TINY_RUN], mp)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 

@@ -265,7 +265,9 @@ def test_the_fp32_bound_is_absolute_plus_relative_to_each_images_scale():
 @pytest.fixture(scope="module")
 def huge_logits_run(student_run, tmp_path_factory):
     """A copy of the fixture's run whose best.pt has its classifier scaled by 1e12 (logits of
-    ~1e9, as in a run that blew up), exported with kd.export; with what it printed."""
+    ~1e9, as in a run that blew up), through kd.export; with what it printed. The ONNX file is
+    the fixture's with its last Gemm's weight and bias scaled alike, as the exporter would write
+    them (seconds of torch.export less)."""
     folder = tmp_path_factory.mktemp("huge") / "student"
     shutil.copytree(student_run, folder, ignore=shutil.ignore_patterns(EXPORT_DIR))
     ckpt = torch.load(folder / "best.pt", weights_only=True)
@@ -273,8 +275,20 @@ def huge_logits_run(student_run, tmp_path_factory):
     for key in head:
         ckpt["model"][key] = ckpt["model"][key] * 1e12
     torch.save(ckpt, folder / "best.pt")
+
+    def scaled_export(model, path, metadata):
+        proto = onnx.load(student_run / EXPORT_DIR / "model.onnx")
+        gemm = [node for node in proto.graph.node if node.op_type == "Gemm"][-1]
+        for tensor in proto.graph.initializer:
+            if tensor.name in gemm.input[1:]:
+                tensor.CopyFrom(onnx.numpy_helper.from_array(
+                    onnx.numpy_helper.to_array(tensor) * np.float32(1e12), tensor.name))
+        onnx.save(proto, path)
+        kd.export.add_metadata(path, metadata)
+
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(kd.export, "export_onnx", scaled_export)
         kd.export.main([str(folder), "--timed_runs", "1", "--no-download"])
     return folder, printed.getvalue()
 

@@ -149,14 +149,14 @@ def test_each_task_of_a_job_gets_the_variables_torchrun_gives(monkeypatch):
              "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
-    env = launch.ddp_env(submitit.JobEnvironment())
+    env = job.ddp_env(submitit.JobEnvironment())
     assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
                    "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4242)}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert World.from_env() == World(rank=3, local_rank=1, size=4)  # as kd.distributed reads it
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert launch.ddp_env(submitit.JobEnvironment()) == {}  # one task: a single process
+    assert job.ddp_env(submitit.JobEnvironment()) == {}  # one task: a single process
 
 
 def test_stop_signals_wait_for_the_end_of_a_submission(monkeypatch):
