@@ -16,7 +16,7 @@ from kd.data import DeviceLoader, load_split
 from kd.distributed import resolve_device
 from kd.errors import run_script
 from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags, positive_int
-from kd.metrics import fine_to_coarse, split_metrics
+from kd.metrics import split_metrics, superclass_map
 from kd.models import load_model
 from kd.train import MEMORY_FORMAT, make_autocast, predict
 
@@ -33,7 +33,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devic
     autocast = make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype)
     precision = "float32" if autocast is contextlib.nullcontext else f"{args.amp_dtype} autocast"
     logits = predict(model, DeviceLoader(test, args.batch_size, device, train=False), autocast)
-    mapping = fine_to_coarse(test.labels, test.coarse_labels).to(device)
+    mapping = superclass_map(load_split(data_dir, train=True, download=args.download),
+                             test).to(device)  # as training maps them
     metrics = split_metrics(logits, test.labels.to(device), test.coarse_labels.to(device), mapping)
     return {"checkpoint": path, "arch": ckpt["config"]["arch"], "epoch": ckpt.get("epoch"),
             "data_dir": data_dir, "device": str(device), "precision": precision,

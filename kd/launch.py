@@ -149,7 +149,7 @@ def executor(args: argparse.Namespace, out_dir: str) -> submitit.AutoExecutor:
     per job on SLURM).
 
     The jobs' Python is this one, with this repository first on its path (the job unpickles
-    RunJob from kd.launch). Local jobs all start at once; each run gets the threads the study
+    RunJob from kd.job). Local jobs all start at once; each run gets the threads the study
     gives it (study.run_env), as under the local launcher."""
     path = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                             *filter(None, [os.environ.get("PYTHONPATH")])])

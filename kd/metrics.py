@@ -32,6 +32,14 @@ def fine_to_coarse(labels: torch.Tensor, coarse_labels: torch.Tensor, num_classe
     return mapping.scatter(0, labels, coarse_labels)
 
 
+def superclass_map(*splits) -> torch.Tensor:
+    """fine_to_coarse over every image of the splits (kd.data.Split): training and kd.evaluate
+    pass a dataset's whole training and test splits, so the map holds every class, whichever
+    images a run holds out for validation and whichever classes a small test split lacks."""
+    return fine_to_coarse(torch.cat([s.labels for s in splits]),
+                          torch.cat([s.coarse_labels for s in splits]))
+
+
 ECE_BINS = 15
 
 

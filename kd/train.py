@@ -25,7 +25,7 @@ from kd.distributed import (World, agreed_stop, average_across_ranks, broadcast_
                             max_across_ranks, wrap_ddp)
 from kd.errors import StopRequested, UserError, say, stop_requested
 from kd.logger import CSVLogger
-from kd.metrics import BLOWN_UP_FACTOR, blown_up, fine_to_coarse, split_metrics
+from kd.metrics import BLOWN_UP_FACTOR, blown_up, split_metrics, superclass_map
 from kd.models import NUM_CLASSES
 from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, stopped_message
 
@@ -408,6 +408,7 @@ def load_data(args: argparse.Namespace, device: torch.device, world: World
     with local_main_first(world, device):  # one process per machine downloads
         train = load_split(args.data_dir, train=True, download=args.download)
         splits = {"test": load_split(args.data_dir, train=False, download=args.download)}
+    class_to_coarse = superclass_map(train, splits["test"]).to(device)
     if args.val_size:
         train, splits["val"] = hold_out(train, args.val_size, args.seed)
     if args.batch_size > len(train):
@@ -418,7 +419,7 @@ def load_data(args: argparse.Namespace, device: torch.device, world: World
     eval_loaders = {name: DeviceLoader(split, args.eval_batch_size, device, train=False,
                                        world=world)
                     for name, split in splits.items()}
-    return train_loader, eval_loaders, fine_to_coarse(train.labels, train.coarse_labels).to(device)
+    return train_loader, eval_loaders, class_to_coarse
 
 
 @torch.inference_mode()

@@ -4,9 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import REPO, TINY_RUN, run_in_process
 from kd.synthetic import write_fake_cifar100
+
+# One CPU thread count for this process and the processes tests start (which inherit it): a run
+# continues bitwise in another process, or matches one made there, only at the same count.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +42,6 @@ def runs_root(fake_data, tmp_path_factory) -> Path:
 def no_weight_downloads(monkeypatch, tmp_path):
     """Keep torch's weight cache empty and private, so no test depends on what a machine cached."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture

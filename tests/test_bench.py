@@ -1,28 +1,21 @@
-"""python -m kd.bench as a user runs it: the quick CPU run measures every stage and writes them all.
+"""python -m kd.bench: the quick CPU run measures every stage and writes them all.
 
 Only the presence and sign of the numbers are checked; their values depend on the machine.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO, assert_one_line_error, run_in_process
+from helpers import assert_one_line_error, run_in_process
 import kd.bench
 import kd.train
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd.bench", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_quick_cpu_run_reports_every_stage(tmp_path):
+@pytest.mark.slow  # the benchmark: seconds of every configuration
+def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     out = tmp_path / "bench.json"
-    result = bench("--quick", "--device", "cpu", "--images", "256", "--batch_size", "32", "--json",
-                   str(out))
+    result = in_process(kd.bench.main, ["--quick", "--device", "cpu", "--images", "256",
+                                        "--batch_size", "32", "--repeats", "1", "--json", out])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] and report["torch"] and report["flags"]["quick"]

@@ -35,9 +35,17 @@ def torchrun(script, *args, nproc=2, check=True):
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(fake_data, tmp_path_factory):
+def ddp_data(tmp_path_factory) -> str:
+    """100 training and 50 test images: two steps of two processes per epoch."""
+    root = tmp_path_factory.mktemp("ddp_data")
+    write_fake_cifar100(str(root), n_train=100, n_test=50, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(ddp_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    data = ["--data_dir", fake_data]
+    data = ["--data_dir", ddp_data]
     torchrun("train_teacher.py", "--out_dir", str(root / "teacher"), "--pretrained", "none",
              "--img_size", "32", "--lr", "0.02", *COMMON, *data)
     torchrun("train_student.py", "--out_dir", str(root / "baseline"), *COMMON, *data)
@@ -47,7 +55,7 @@ def ddp_runs(fake_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["teacher", "baseline", "kd"])
-def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, fake_data, name):
+def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, ddp_data, name):
     folder = ddp_runs / name
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1"]
@@ -55,7 +63,7 @@ def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, fak
     assert config["world_size"] == 2 and config["per_rank_batch_size"] == 25
     ckpt = torch.load(folder / "last.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    flags = SimpleNamespace(data_dir=fake_data, download=False, amp=True, amp_dtype="bf16",
+    flags = SimpleNamespace(data_dir=ddp_data, download=False, amp=True, amp_dtype="bf16",
                             batch_size=100)
     metrics = evaluate_checkpoint(str(folder / "last.pt"), flags, torch.device("cpu"))
     for key in ("test_top1", "test_top5", "test_super_top1"):
@@ -64,13 +72,13 @@ def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, fak
     assert metrics["test_ece"] == pytest.approx(float(rows[-1]["test_ece"]), abs=1e-3)
 
 
-def test_resume_with_another_process_count(ddp_runs, fake_data, tmp_path):
+def test_resume_with_another_process_count(ddp_runs, ddp_data, tmp_path):
     folder = tmp_path / "kd"
     folder.mkdir()
     for f in ("last.pt", "log.csv", "config.json"):
         (folder / f).write_bytes((ddp_runs / "kd" / f).read_bytes())
     cmd = [sys.executable, str(REPO / "distill_student.py"), "--out_dir", str(folder),
-           "--data_dir", fake_data, "--teacher_ckpt", str(ddp_runs / "teacher" / "best.pt"),
+           "--data_dir", ddp_data, "--teacher_ckpt", str(ddp_runs / "teacher" / "best.pt"),
            "--resume", *COMMON]
     cmd[cmd.index("--epochs") + 1] = "2"
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -80,9 +88,9 @@ def test_resume_with_another_process_count(ddp_runs, fake_data, tmp_path):
     assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
-def test_a_complete_run_says_so_once(ddp_runs, fake_data):
+def test_a_complete_run_says_so_once(ddp_runs, ddp_data):
     result = torchrun("train_student.py", "--out_dir", str(ddp_runs / "baseline"), "--data_dir",
-                      fake_data, "--resume", *COMMON)
+                      ddp_data, "--resume", *COMMON)
     assert result.stdout.count("the run is already complete at epoch 1") == 1
 
 

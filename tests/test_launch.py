@@ -5,14 +5,16 @@ test_study.py (the tiny study) and test_resume.py (a preempted run)."""
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import submitit
 
 import kd.errors
-from helpers import assert_one_line_error
-from kd import launch
+from helpers import REPO, assert_one_line_error
+from kd import job, launch
 from kd.distributed import World
 
 SBATCH = """#!/bin/sh
@@ -170,3 +172,14 @@ def test_stop_signals_wait_for_the_end_of_a_submission(monkeypatch):
         recorded = True
     assert recorded and kd.errors.stop_requested()
     assert signal.getsignal(signal.SIGINT) is before  # the handler of before the block is back
+
+
+@pytest.mark.slow
+def test_a_jobs_process_imports_no_torch():
+    """A submitit job's process unpickles kd.job.RunJob: it must start without torch's seconds
+    of imports (the run's own process imports it)."""
+    code = "import sys, kd.job; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('torch', 'torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch
 from kd.data import Split, hold_out
 from kd.errors import UserError
 from kd.metrics import (agreement_metrics, at_chance, blown_up, classification_metrics,
-                        expected_calibration_error, fine_to_coarse, split_metrics)
+                        expected_calibration_error, fine_to_coarse, split_metrics,
+                        superclass_map)
 
 
 def slow_ece(logits, labels, n_bins=15):
@@ -95,6 +97,19 @@ def test_fine_to_coarse_reads_the_mapping():
     labels = torch.tensor([3, 7, 3, 0])
     mapping = fine_to_coarse(labels, torch.tensor([1, 4, 1, 2]), num_classes=8)
     assert mapping[3] == 1 and mapping[7] == 4 and mapping[0] == 2 and mapping[5] == -1
+
+
+def test_the_superclass_map_holds_classes_a_small_test_split_lacks():
+    """Training and kd.evaluate map classes over the training and test splits: a prediction of a
+    class no test image has still counts as in its superclass, in the log and recomputed."""
+    train = SimpleNamespace(labels=torch.arange(100), coarse_labels=torch.arange(100) // 5)
+    test = SimpleNamespace(labels=torch.tensor([0, 6]), coarse_labels=torch.tensor([0, 1]))
+    mapping = superclass_map(train, test)
+    assert torch.equal(mapping, torch.arange(100) // 5)
+    logits = torch.zeros(2, 100)
+    logits[0, 1] = logits[1, 7] = 1.0  # wrong classes, of the true superclasses: 1 and 7 unseen
+    metrics = split_metrics(logits, test.labels, test.coarse_labels, mapping)
+    assert metrics["super_top1"] == 100 and metrics["top1"] == 0
 
 
 def test_hold_out_is_class_balanced_disjoint_and_seeded():
