@@ -14,7 +14,7 @@ import kd.train
 @pytest.mark.slow  # the benchmark: seconds of every configuration
 def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     out = tmp_path / "bench.json"
-    result = in_process(kd.bench.main, ["--quick", "--device", "cpu", "--images", "256",
+    result = in_process(kd.bench.main, ["--quick", "--device", "cpu", "--images", "128",
                                         "--batch_size", "32", "--repeats", "1", "--json", out])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

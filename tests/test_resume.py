@@ -139,10 +139,10 @@ def test_save_every_sets_the_resume_point(reference, fake_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path):
+def test_resume_with_changed_flags_is_refused(reference, fake_data, tmp_path, in_process):
     before = (reference / "last.pt").read_bytes()
     cmd = student_cmd(reference, fake_data, "--resume", "--lr", "0.5", "--seed", "3")
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = in_process(cmd[1], cmd[2:])
     assert result.returncode == 2
     assert "--lr 0.2 -> 0.5" in result.stderr and "--seed 0 -> 3" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -177,12 +177,12 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_malicious_last_pt_is_refused_on_resume(fake_data, tmp_path):
+def test_malicious_last_pt_is_refused_on_resume(fake_data, tmp_path, in_process):
     folder, marker = tmp_path / "run", tmp_path / "pwned"
     folder.mkdir()
     torch.save({"model": RunsCode(marker), "config": {}}, folder / "last.pt")
-    result = subprocess.run(student_cmd(folder, fake_data, "--resume"), cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    cmd = student_cmd(folder, fake_data, "--resume")
+    result = in_process(cmd[1], cmd[2:])
     assert result.returncode == 2 and "not a loadable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
