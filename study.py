@@ -331,15 +331,16 @@ def gpu_slots(device: str, jobs: int | None) -> list[str | None]:
     return [gpus[i % len(gpus)] if gpus else None for i in range(count)]
 
 
-def run_env(slots: list[str | None]) -> dict[str, str]:
-    """The variables every job of the study runs with, whichever launcher starts it or prints its
-    command: on the CPU, when several runs go side by side, its share of the cores
+def run_env(device: str, jobs: int | None) -> dict[str, str]:
+    """The variables every job of the study runs with on this machine, whichever launcher starts
+    it or prints its command: on the CPU, when --jobs runs go side by side, its share of the cores
     (kd.launch.threads_per_run). A CPU run's sums come out differently, at float rounding, with
     another thread count, so a run's thread count is the study's to set, not the launcher's.
     Nothing for one run at a time (it takes the threads torch gives it) or on GPUs."""
-    if slots[0] is not None or len(slots) == 1:
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu or (jobs or 1) == 1:
         return {}
-    return {"OMP_NUM_THREADS": launch.threads_per_run(len(slots))}
+    return {"OMP_NUM_THREADS": launch.threads_per_run(jobs)}
 
 
 def run_all(jobs: list[Job], slots: list[str | None]) -> list[tuple[Job, str]]:
@@ -653,9 +654,9 @@ def print_report_command(out_dir: str) -> None:
 def main() -> None:
     args, rest = build_parser().parse_known_args()
     jobs = plan(args, flag_values(rest))
-    slots = None if args.launcher == "slurm" else gpu_slots(jobs[-1].config["device"], args.jobs)
+    env = {} if args.launcher == "slurm" else run_env(jobs[-1].config["device"], args.jobs)
     for job in jobs:  # this machine's launchers and --dry_run alike (a cluster's nodes: their own)
-        job.env = run_env(slots) if slots else {}
+        job.env = env
     if args.dry_run:
         todo = still_to_do(jobs)
         record_command(args.out_dir)  # marks the folder as a study for the report
@@ -675,6 +676,7 @@ def main() -> None:
     if args.launcher != "local":
         submit_study(args, jobs)
         return
+    slots = gpu_slots(jobs[-1].config["device"], args.jobs)
     with only_study_running(args.out_dir):
         todo = still_to_do(jobs)
         going = [name for name, state in recorded_states(todo, args.out_dir).items()

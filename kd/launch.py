@@ -3,12 +3,12 @@ executor. study.py plans the runs and decides which are left to do; this module 
 records their job ids, and asks the scheduler how they are.
 
 Each job runs one command of the study, the same command line the local launcher runs, in a child
-process (kd.job.RunJob). SLURM warns a job before its time limit, and submitit's local executor does the
-same, with SIGUSR2 to the job's process; submitit then calls RunJob.checkpoint(), which asks the
-run to stop (SIGTERM: it stops at its next step, keeping the last.pt of its last saved epoch) and
-hands back the job to requeue. Every start of a job looks at its run folder (kd.rundir) and
-resumes from last.pt when there is one, so a requeue, a job SLURM requeued by itself and a job
-study.py resubmits all continue the run exactly as an uninterrupted one.
+process (kd.job.RunJob). SLURM warns a job before its time limit, and submitit's local executor
+does the same, with SIGUSR2 to the job's process; submitit then calls RunJob.checkpoint(), which
+asks the run to stop (SIGTERM: it stops at its next step, keeping the last.pt of its last saved
+epoch) and hands back the job to requeue. Every start of a job looks at its run folder
+(kd.rundir) and resumes from last.pt when there is one, so a requeue, a job SLURM requeued by
+itself and a job study.py resubmits all continue the run exactly as an uninterrupted one.
 """
 import argparse
 import contextlib
@@ -31,6 +31,7 @@ from kd.checkpoint import write_json
 from kd.errors import UserError, stop_requested, stop_signals, stops_deferred
 from kd.flags import number, positive_int
 from kd.job import RunJob
+from kd.timing import allowed_cpus
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
 JOBS_FILE = "jobs.json"  # in the study folder: the job id of each run submitted
@@ -139,7 +140,7 @@ def threads_per_run(n_at_once: int) -> str:
     """OMP_NUM_THREADS for each of n_at_once runs side by side on this machine's CPU: an equal
     share of the cores this process may use, and never more than an OMP_NUM_THREADS already set
     asks for."""
-    share = max(1, len(os.sched_getaffinity(0)) // max(1, n_at_once))
+    share = max(1, len(allowed_cpus()) // max(1, n_at_once))
     asked = os.environ.get("OMP_NUM_THREADS", "")
     return str(min(share, max(1, int(asked))) if asked.isdigit() else share)
 

@@ -44,9 +44,10 @@ def make_split(n: int, split: str, prototypes: np.ndarray, seed: int) -> tuple[n
     labels, images = [], []
     for block in range(-(-n // BLOCK)):
         rng = np.random.default_rng([seed, SPLITS[split], block])
-        fine = rng.permutation(BLOCK)[:n - block * BLOCK]
-        labels.append(fine)
-        images.append(make_images(fine, prototypes, rng))
+        fine = rng.permutation(BLOCK)
+        keep = n - block * BLOCK  # the whole block is drawn, so its start is the same however cut
+        labels.append(fine[:keep])
+        images.append(make_images(fine, prototypes, rng)[:keep])
     return np.concatenate(labels), np.concatenate(images)
 
 

@@ -20,12 +20,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity, where the OS has one)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else \
+        set(range(os.cpu_count() or 1))
+
+
 def physical_cores(cpuinfo: str = "/proc/cpuinfo") -> int:
     """Physical cores among the CPUs this process may run on: the distinct (physical id, core
     id) pairs of its allowed processors in cpuinfo, so two hyperthreads of one core count once;
     the number of allowed CPUs where cpuinfo does not tell."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else \
-        set(range(os.cpu_count() or 1))
+    allowed = allowed_cpus()
     cores = set()
     with contextlib.suppress(OSError), open(cpuinfo) as f:
         for block in f.read().split("\n\n"):

@@ -11,8 +11,8 @@ from kd.synthetic import write_fake_cifar100
 
 # One CPU thread count for this process and the processes tests start (which inherit it): a run
 # continues bitwise in another process, or matches one made there, only at the same count.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if os.environ.setdefault("OMP_NUM_THREADS", "2").isdigit():
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,10 @@ def test_a_smaller_generated_set_is_the_start_of_a_larger_one(fake_data, tmp_pat
     assert len(small) == 300 and len(large) == 450
     assert torch.equal(large.images[:300], small.images)
     assert torch.equal(large.labels[:300], small.labels)
+    write_fake_cifar100(str(tmp_path / "cut"), n_train=250, n_test=10, seed=0)  # a partial block
+    cut = load_split(str(tmp_path / "cut"), train=True)
+    assert torch.equal(cut.images, large.images[:250])
+    assert torch.equal(cut.labels, large.labels[:250])
     assert torch.equal(load_split(str(tmp_path), train=False).images,
                        load_split(fake_data, train=False).images)
     assert sorted(torch.bincount(large.labels, minlength=100).tolist()) == [4] * 50 + [5] * 50

@@ -259,7 +259,9 @@ def test_the_fp32_bound_is_absolute_plus_relative_to_each_images_scale():
     assert record["top1_agreement"] == pytest.approx(200 / 3)  # counted, and allowed
     assert beyond([[2e5, 0, 0], [0, 0, 0], [0, 0, 0]]) == 1  # 2e-5 of the scale
     assert beyond([[0, 0, 0], [0, 1.2e-3, 0], [0, 0, 0]]) == 1  # the absolute bound at scale 10
-    assert beyond([[0, 0, 0], [-7.0, 0, 0], [0, 0, 0]]) == 1  # not a tie: beyond, top-1 flips
+    assert beyond([[0, 0, 0], [-7.0, 0, 0], [0, 0, 0]]) == 1  # a flip that is no tie: beyond
+    nan = torch.full((3, 3), float("nan"), dtype=torch.float64)
+    assert kd.export.compare(nan, reference, labels)["images_beyond_bound"] == 3  # never within
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import submitit
 
 import kd.errors
 from helpers import REPO, assert_one_line_error
-from kd import job, launch
+from kd import job
 from kd.distributed import World
 
 SBATCH = """#!/bin/sh
