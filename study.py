@@ -55,6 +55,7 @@ from kd.checkpoint import file_sha256, write_json
 from kd.errors import (StopRequested, UserError, on_signal, run_script, say, stop_requested,
                        stop_signals)
 from kd.flags import HelpFormatter, Parser, number
+from kd.distributed import resolve_device
 from kd.rundir import STUDY_FILE, changed_settings, existing_run_files
 
 REPO = Path(__file__).resolve().parent
@@ -337,8 +338,7 @@ def run_env(device: str, jobs: int | None) -> dict[str, str]:
     (kd.launch.threads_per_run). A CPU run's sums come out differently, at float rounding, with
     another thread count, so a run's thread count is the study's to set, not the launcher's.
     Nothing for one run at a time (it takes the threads torch gives it) or on GPUs."""
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if not on_cpu or (jobs or 1) == 1:
+    if device == "cuda" or resolve_device(device).type != "cpu" or (jobs or 1) == 1:
         return {}
     return {"OMP_NUM_THREADS": launch.threads_per_run(jobs)}
 

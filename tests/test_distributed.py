@@ -45,13 +45,17 @@ def ddp_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(ddp_data, runs_root, tmp_path_factory):
-    """A kd run of two processes, its teacher the session's (runs_root/teacher)."""
+def ddp_runs(ddp_data, teacher, tmp_path_factory):
+    """A kd run of two processes, its teacher the session's."""
     root = tmp_path_factory.mktemp("ddp")
-    (root / "teacher").symlink_to(runs_root / "teacher")
-    torchrun("distill_student.py", "--out_dir", str(root / "kd"), "--teacher_ckpt",
-             str(root / "teacher" / "best.pt"), *COMMON, "--data_dir", ddp_data)
+    torchrun("distill_student.py", "--out_dir", str(root / "kd"), "--teacher_ckpt", teacher,
+             *COMMON, "--data_dir", ddp_data)
     return root
+
+
+@pytest.fixture(scope="module")
+def teacher(runs_root) -> str:
+    return str(runs_root / "teacher" / "best.pt")
 
 
 def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, ddp_data):
@@ -71,13 +75,13 @@ def test_ddp_run_logs_once_and_matches_a_single_process_evaluation(ddp_runs, ddp
     assert metrics["test_ece"] == pytest.approx(float(rows[-1]["test_ece"]), abs=1e-3)
 
 
-def test_resume_with_another_process_count(ddp_runs, ddp_data, tmp_path):
+def test_resume_with_another_process_count(ddp_runs, ddp_data, teacher, tmp_path):
     folder = tmp_path / "kd"
     folder.mkdir()
     for f in ("last.pt", "log.csv", "config.json"):
         (folder / f).write_bytes((ddp_runs / "kd" / f).read_bytes())
     cmd = [sys.executable, str(REPO / "distill_student.py"), "--out_dir", str(folder),
-           "--data_dir", ddp_data, "--teacher_ckpt", str(ddp_runs / "teacher" / "best.pt"),
+           "--data_dir", ddp_data, "--teacher_ckpt", teacher,
            "--resume", *COMMON]
     cmd[cmd.index("--epochs") + 1] = "2"
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -87,18 +91,16 @@ def test_resume_with_another_process_count(ddp_runs, ddp_data, tmp_path):
     assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
-def test_a_complete_run_says_so_once(ddp_runs, ddp_data):
+def test_a_complete_run_says_so_once(ddp_runs, ddp_data, teacher):
     result = torchrun("distill_student.py", "--out_dir", str(ddp_runs / "kd"), "--data_dir",
-                      ddp_data, "--teacher_ckpt", str(ddp_runs / "teacher" / "best.pt"),
-                      "--resume", *COMMON)
+                      ddp_data, "--teacher_ckpt", teacher, "--resume", *COMMON)
     assert result.stdout.count("the run is already complete at epoch 1") == 1
 
 
-def test_the_processes_share_the_cache_build(ddp_runs, tmp_path):
+def test_the_processes_share_the_cache_build(teacher, tmp_path):
     """Two processes build shards of 2 and 1 images; the file equals a one-process build."""
     data = str(tmp_path / "data")
     write_fake_cifar100(data, n_train=3, n_test=10, seed=6)
-    teacher = str(ddp_runs / "teacher" / "best.pt")
     torchrun("kd/cache.py", "--teacher_ckpt", teacher, "--out", str(tmp_path / "shared.pt"),
              "--data_dir", data, "--no-download", "--device", "cpu")
     open_cache(str(tmp_path / "single.pt"), load_teacher(teacher), cache_flags(teacher, data),
