@@ -12,16 +12,16 @@ plotted on its own:
 Every flag that study.py does not own goes to the runs. A flag of every run (--epochs, --lr,
 --batch_size...) takes one value, the same for the baseline and every grid point. A method's
 setting (--T, --alpha, --dkd_beta...) is a grid axis, with one value or several, of each --method
-that reads it (--method kd dkd runs both methods), named in the folder names; one that no
+that reads it (--method a b runs both methods), named in the folder names; one that no
 --method of the study reads is refused. The grid is the product of a method's axes.
 Every run holds out --val_size training images. `python plots/plot_runs.py runs/study` then picks
 each method's grid point by its mean validation top-1 at the last epoch, and only then reports
 that point's test top-1 against the baseline's, with a confidence interval paired by seed.
 
 The same command again skips finished runs, resumes stopped ones, and refuses a run folder made
-with other settings, naming it and them. The runs of logit methods (kd, dkd, dist) read the
-teacher's logits from --teacher_cache, which is built once, before the first of them, when the
-file is missing; those of feature methods (fitnet, crd, reviewkd) run the teacher online.
+with other settings, naming it and them. The runs of logit methods read the teacher's
+logits from --teacher_cache, which is built once, before the first of them, when the file is
+missing; those of feature methods (a connector in kd/methods/<name>.py) run the teacher online.
 Runs go one at a time on the CPU or one GPU, one per GPU at a time on several (--jobs sets how
 many); each run's output goes to study_output.log in its folder. A failed run is reported at the
 end, with its command and last output lines, and the others go on (none starts after a failure
@@ -56,6 +56,7 @@ from kd.errors import (StopRequested, UserError, on_signal, run_script, say, sto
                        stop_signals)
 from kd.flags import HelpFormatter, Parser, number
 from kd.distributed import resolve_device
+from kd.methods import DEFAULT, METHOD_FLAGS, METHODS
 from kd.rundir import STUDY_FILE, changed_settings, existing_run_files
 
 REPO = Path(__file__).resolve().parent
@@ -120,7 +121,7 @@ def run_flags_epilog() -> str:
     student = option_strings(train_student.build_parser())
     every = sorted(student - {"-h", "--help", "--out_dir", "--seed", "--val_size", "--resume",
                               "--overwrite"})
-    method_flags = {f"--{name}" for names in distill_student.METHOD_FLAGS.values()
+    method_flags = {f"--{name}" for names in METHOD_FLAGS.values()
                     for name in names}
     distilled = sorted(option_strings(distill_student.build_parser()) - student - method_flags
                        - {"--teacher_cache"})
@@ -130,7 +131,7 @@ def run_flags_epilog() -> str:
              fill("every distilled run: " + " ".join(distilled) + " (--method: one or more)"),
              "each --method's settings, grid axes of one value or more:"]
     lines += [fill(f"  {method}: " + " ".join(f"--{name}" for name in names))
-              for method, names in distill_student.METHOD_FLAGS.items()]
+              for method, names in METHOD_FLAGS.items()]
     return "\n".join(lines)
 
 
@@ -186,8 +187,8 @@ def route(groups: list[tuple[str, list[str]]]) -> tuple[list[str], list[str], di
     grid axes {name: [tokens of each value]}, the methods)."""
     student_flags = option_strings(train_student.build_parser())
     distill_flags = option_strings(distill_student.build_parser())
-    method_names = {name for names in distill_student.METHOD_FLAGS.values() for name in names}
-    shared, distilled, axes, methods = [], [], {}, ["kd"]
+    method_names = {name for names in METHOD_FLAGS.values() for name in names}
+    shared, distilled, axes, methods = [], [], {}, [DEFAULT]
     for flag, values in groups:
         name = flag[2:]
         if flag in ("--seed", "--resume", "--overwrite"):
@@ -208,7 +209,7 @@ def route(groups: list[tuple[str, list[str]]]) -> tuple[list[str], list[str], di
         else:
             (shared if flag in student_flags else distilled).extend([flag, *values])
     for name in axes:
-        if not any(name in distill_student.METHOD_FLAGS.get(m, ()) for m in methods):
+        if not any(name in METHOD_FLAGS.get(m, ()) for m in methods):
             raise UserError(f"--{name} is read by no --method of the study ({' '.join(methods)})")
     return shared, distilled, axes, methods
 
@@ -226,12 +227,12 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
         folder = os.path.join(args.out_dir, "ce", f"seed{seed}")
         jobs.append(Job(f"ce/seed{seed}", "train_student.py", ["--out_dir", folder, *run], folder))
         for method in methods:
-            own = [name for name in axes if name in distill_student.METHOD_FLAGS.get(method, ())]
+            own = [name for name in axes if name in METHOD_FLAGS.get(method, ())]
             for point in itertools.product(*(axes[name] for name in own)):
                 name = "-".join([method, *(n + "".join(v) for n, v in zip(own, point))])
                 folder = os.path.join(args.out_dir, name, f"seed{seed}")
                 settings = [token for n, v in zip(own, point) for token in (f"--{n}", *v)]
-                known = distill_student.METHODS.get(method)  # unknown: the parser says so below
+                known = METHODS.get(method)  # unknown: the parser says so below
                 feature = known is not None and known.connector is not None
                 teacher = [] if online or feature else ["--teacher_cache", cache_path]
                 argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings,

@@ -40,11 +40,11 @@ from torchvision import transforms
 from kd.checkpoint import write_json
 from kd.cache import TeacherCache, build as build_cache, precision_name
 from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split
-from kd import features
 from kd.distributed import World, resolve_device
 from kd.errors import UserError, run_script
 from kd.flags import Parser, add_device_flag, positive_int
 from kd.losses import ce_loss
+from kd.methods import DEFAULT, METHODS
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import NUM_CLASSES, build_student, build_teacher
 from kd.timing import device_name, measure
@@ -52,7 +52,8 @@ from kd.train import (CUDNN_BENCHMARK, MEMORY_FORMAT, Step, make_autocast, make_
                       predict, train_step)
 
 DTYPES = ["bf16", "fp16", "fp32"]
-# distill_student.py's parser and loss_at: the settings and the KD loss the bench trains with
+TRAIN_IMAGES = 50_000  # in CIFAR-100's training set
+# distill_student.py's parser and loss_at: the settings and the losses the bench trains with
 DISTILL = runpy.run_path(str(Path(__file__).resolve().parents[1] / "distill_student.py"),
                          run_name="distill_student")
 
@@ -67,7 +68,7 @@ class Config:
     kd: bool = False  # the student learns from a frozen teacher that runs every step
     cached: bool = False  # KD: the teacher's logits come from a kd.cache.TeacherCache lookup
     train: bool = True  # False: evaluation passes
-    method: str = "kd"  # distill_student.py's --method, with its defaults (and connector)
+    method: str = DEFAULT  # distill_student.py's --method, with its defaults (and connector)
 
 
 CONFIGS = {c.name: c for c in [
@@ -79,15 +80,15 @@ CONFIGS = {c.name: c for c in [
     Config("kd_t128", student=True, img_size=128, kd=True),
     Config("kd_t32", student=True, img_size=32, kd=True),
     Config("kd_cached", student=True, kd=True, cached=True),
-    Config("fitnet_t32", student=True, img_size=32, kd=True, method="fitnet"),
-    Config("crd_t32", student=True, img_size=32, kd=True, method="crd"),
-    Config("reviewkd_t32", student=True, img_size=32, kd=True, method="reviewkd"),
+    *(Config(f"{name}_t32", student=True, img_size=32, kd=True, method=name)
+      for name, method in METHODS.items() if method.connector),  # each feature method
     Config("eval_student", student=True, train=False),
     Config("eval_teacher_224", student=False, img_size=224, train=False),
 ]}
 CUDA_CONFIGS = [name for name in CONFIGS if name != "kd_t32"]
-SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", "fitnet_t32", "crd_t32",
-                 "reviewkd_t32", "eval_student"]
+FEATURE_CONFIGS = [name for name, config in CONFIGS.items() if METHODS[config.method].connector]
+SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", *FEATURE_CONFIGS,
+                 "eval_student"]
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
         row["compile_s"] = timing.first_s - timing.seconds
     if connector is not None:
         row["connector_params"] = sum(p.numel() for p in connector.parameters())
-        row["nce_k"] = getattr(connector, "nce_k", None)
+        row["nce_k"] = getattr(connector, "nce_k", None)  # a memory bank's negatives
     if config.student:
         fed = measure(stepper(loader_batches(loader, variant.memory_format)), **blocks)
         row["loader_img_per_s"] = args.batch_size / fed.seconds
@@ -315,20 +316,15 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
 
 def feature_connector(config: Config, train_args: argparse.Namespace, model: nn.Module,
                       teacher: nn.Module | None, split: Split) -> nn.Module | None:
-    """A feature method's connector as distill_student.py builds it, on the model's device; CRD's
-    memory for the generated images, with as many negatives as they allow up to --nce_k."""
-    method = DISTILL["METHODS"][config.method]
+    """A feature method's connector as distill_student.py builds it at its defaults, on the
+    model's device, for a training set of CIFAR-100's 50,000 images (labels in turn), or the
+    generated split's size when larger (a memory bank has a row per training image)."""
+    method = METHODS[config.method]
     if method.connector is None:
         return None
+    labels = torch.arange(max(TRAIN_IMAGES, len(split))) % NUM_CLASSES
     device = next(model.parameters()).device
-    if config.method != "crd":
-        return method.connector(train_args, model, teacher).to(device)
-    labels = split.labels.cpu()
-    nce_k = min(train_args.nce_k, len(labels) - int(torch.bincount(labels).max()))
-    student = features.student_taps(model)
-    return features.ContrastMemory(student, features.teacher_taps(teacher, student), labels,
-                                   train_args.feat_dim,
-                                   (nce_k, train_args.nce_t, train_args.nce_m)).to(device)
+    return method.connector(train_args, model, teacher, labels).to(device)
 
 
 def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,
@@ -441,7 +437,7 @@ def print_ratios(report: dict) -> None:
     for (name, *variant), row in rows.items():
         for base in ("student_ce", "kd_t32"):
             other = rows.get((base, *variant))
-            feature = CONFIGS[name].method != "kd"
+            feature = name in FEATURE_CONFIGS
             if other and (feature or (name, base) == ("kd_cached", "student_ce")):
                 row[f"vs_{base}"] = row["img_per_s"] / other["img_per_s"]
                 extra = f", connector {row['connector_params'] / 1e6:.2f} M parameters" \

@@ -106,14 +106,12 @@ def run_config(args: argparse.Namespace, device, arch: dict, world) -> dict:
             "per_rank_batch_size": args.batch_size // world.size}
 
 
-# Settings added since runs were first written, with the value that distilled runs written
-# before them had in effect
-LATER_DEFAULTS = {"method": "kd", "logit_std": False, "ce_weight": 1.0, "dkd_alpha": 1.0,
-                  "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 2.0, "dist_gamma": 2.0,
-                  "teacher_logits": "online", "teacher_cache_sha256": None,
-                  "hint_weight": 100.0, "hint_stage": 2, "crd_weight": 0.8, "feat_dim": 128,
-                  "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "review_weight": 1.0,
-                  "review_warmup": 20}
+def later_defaults() -> dict:
+    """Settings added since runs were first written, with the value that distilled runs written
+    before them had in effect: every method flag's default (kd.methods), --method's included,
+    and the teacher's logits online."""
+    from kd.methods import flag_defaults  # here: kd.job reads this module without torch
+    return {**flag_defaults(), "teacher_logits": "online", "teacher_cache_sha256": None}
 
 
 def is_distilled(config: dict, log_columns=()) -> bool:
@@ -132,9 +130,9 @@ def made_by(config: dict) -> str:
 
 def settings(config: dict) -> dict:
     """What a run computes: its config without EXECUTION_KEYS, a distilled run's completed
-    with the LATER_DEFAULTS it predates."""
+    with the later_defaults() it predates."""
     if is_distilled(config):
-        config = {**LATER_DEFAULTS, **config}
+        config = {**later_defaults(), **config}
     return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
 
 

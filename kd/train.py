@@ -25,6 +25,7 @@ from kd.distributed import (World, agreed_stop, average_across_ranks, broadcast_
                             max_across_ranks, wrap_ddp)
 from kd.errors import StopRequested, UserError, say, stop_requested
 from kd.logger import CSVLogger
+from kd.losses import LossFn
 from kd.metrics import BLOWN_UP_FACTOR, blown_up, split_metrics, superclass_map
 from kd.models import NUM_CLASSES
 from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, stopped_message
@@ -33,7 +34,6 @@ from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, 
 MEMORY_FORMAT = torch.channels_last  # the loader's layout; cuDNN's fast depthwise convs need it
 TIMING_COLUMNS = ("epoch_time_s", "train_img_per_s")  # log.csv's last: wall-clock time
 CUDNN_BENCHMARK = True  # static shapes: the fastest kernels are searched for once
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # see kd.losses
 # The teacher's logits of a training batch from (images, view keys): the live teacher's forward,
 # or a kd.cache.TeacherCache lookup (distill_student.py picks)
 TeacherLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -15,6 +15,7 @@ import torch
 
 from kd.checkpoint import file_sha256
 from kd.errors import UserError
+from kd.methods import DEFAULT as DEFAULT_METHOD
 from kd.models import TEACHER_ARCH
 from kd.rundir import EXPORT_FILE, is_distilled, settings
 
@@ -55,7 +56,7 @@ class Run:
         if not self.is_kd:
             return "ce"
         run = settings(self.config)  # an unreadable config.json reads as {}
-        return str(run.get("method", "kd")) + "+logit_std" * bool(run.get("logit_std"))
+        return str(run.get("method", DEFAULT_METHOD)) + "+logit_std" * bool(run.get("logit_std"))
 
 
 def is_run_folder(path: Path) -> bool:

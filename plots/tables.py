@@ -3,8 +3,9 @@ accuracy first, then calibration, mistakes, agreement and cost, so that neither 
 import math
 
 from kd.metrics import at_chance, blown_up
+from kd.methods import flag_defaults
 from kd.models import model_name
-from kd.rundir import LATER_DEFAULTS, settings
+from kd.rundir import settings
 from plots.groups import Group, group_records, selected_by
 from plots.rundata import Run
 
@@ -26,8 +27,7 @@ COST_HEADER = ["params (M)", "MACs (M)"]
 NOT_SHOWN = {"seed", "method", "arch",  # columns of their own, or the rows' seeds
              "teacher_cache_sha256"}  # teacher_logits=cache says it
 # A method's own settings: compared between runs of the same method only
-METHOD_SETTINGS = set(LATER_DEFAULTS) - {"method", "teacher_logits", "teacher_cache_sha256"} | \
-    {"T", "alpha"}
+METHOD_SETTINGS = set(flag_defaults()) - {"method"}
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

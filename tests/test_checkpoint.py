@@ -11,7 +11,7 @@ from kd.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from kd.errors import UserError
 from kd.logger import CSVLogger
 from kd.models import build_student, build_teacher, load_teacher
-from kd.rundir import LATER_DEFAULTS, resumed_config
+from kd.rundir import later_defaults, resumed_config
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -126,7 +126,7 @@ def test_foreign_checkpoints_are_one_line(entry, fake_data, tmp_path, monkeypatc
 def test_kd_runs_from_before_the_method_flags_resume_as_kd():
     old = {"arch": "mobilenet_v3_small", "teacher_sha256": "ab", "alpha": 0.5, "T": 4.0,
            "epochs": 3}
-    now = {**old, **LATER_DEFAULTS, "teacher_cache": None, "save_every": 1}
+    now = {**old, **later_defaults(), "teacher_cache": None, "save_every": 1}
     assert resumed_config(old, now, 2)["epochs"] == 3
     with pytest.raises(UserError, match="--method kd -> dkd"):
         resumed_config(old, {**now, "method": "dkd"}, 2)

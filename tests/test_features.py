@@ -1,4 +1,4 @@
-"""Feature distillation (kd/features.py, the feature losses of kd/losses.py): each loss against
+"""Feature distillation (kd/features.py, kd/methods/{fitnet,crd,reviewkd}.py): each loss against
 its formula written out as the reference code computes it (mdistiller's FitNet.py, CRD.py and
 ReviewKD.py, RepDistiller's and torchdistill's CRD and HCL losses), gradients included; the
 connectors against loops; taps that leave the models plain."""
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from kd import features
 from kd.errors import UserError
-from kd.losses import contrast_loss, crd_loss, fitnet_loss, hcl_loss
+from kd.methods.crd import ContrastMemory, contrast_loss, crd_loss
+from kd.methods.fitnet import HintRegressor, fitnet_loss
+from kd.methods.reviewkd import ReviewFusion, hcl_loss
 from kd.models import build_student, build_teacher
 
 G = lambda seed: torch.Generator().manual_seed(seed)
@@ -136,10 +138,10 @@ def test_connectors_match_sizes_in_both_directions(teacher_sizes):
                          zip([256, 512, 1024, 2048, 2048], [*teacher_sizes, 1])])
     smaller = [min(a, b) for a, b in zip([32, 16, 8, 4, 1], [*teacher_sizes, 1])]
     for stage in range(1, 5):
-        hint, target = features.HintRegressor(student, teacher, stage)(None, None)
+        hint, target = HintRegressor(student, teacher, stage)(None, None)
         assert hint.shape == target.shape == (2, teacher.shapes[stage - 1][0], smaller[stage - 1],
                                               smaller[stage - 1])
-    reviewed, targets = features.ReviewFusion(student, teacher)(None, None)
+    reviewed, targets = ReviewFusion(student, teacher)(None, None)
     assert [r.shape for r in reviewed] == [t.shape for t in targets]
     assert [t.shape[-1] for t in targets] == smaller
     big = teacher.values[0]
@@ -156,7 +158,7 @@ def memory(num_images: int = 60, held_out: tuple = (3, 7), nce_k: int = 10):
     student = FixedTaps([None] * 4 + [torch.randn(8, 20, 1, 1, generator=G(5))])
     teacher = FixedTaps([None] * 4 + [torch.randn(8, 30, 1, 1, generator=G(6))])
     torch.manual_seed(0)
-    return features.ContrastMemory(student, teacher, labels, 16, (nce_k, 0.07, 0.5)), labels
+    return ContrastMemory(student, teacher, labels, 16, (nce_k, 0.07, 0.5)), labels
 
 
 def test_crd_negatives_are_training_images_of_other_classes():

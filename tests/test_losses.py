@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import (ce_loss, dist_loss, dist_objective, dkd_loss, dkd_objective, kd_loss,
-                       standardize)
+from kd.losses import ce_loss, standardize
+from kd.methods.dist import dist_loss, dist_objective
+from kd.methods.dkd import dkd_loss, dkd_objective
+from kd.methods.kd import kd_loss
 
 
 def hand_kd_loss(s, t, y, alpha, T):

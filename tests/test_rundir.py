@@ -10,8 +10,9 @@ import study
 from helpers import assert_one_line_error, write_run
 from kd.distributed import World
 from kd.errors import UserError
+from kd.methods import METHOD_FLAGS
 from kd.models import STUDENT_ARCH
-from kd.rundir import LATER_DEFAULTS, experiment_key, resumed_config, run_config
+from kd.rundir import experiment_key, later_defaults, resumed_config, run_config
 from plots.groups import group_runs
 from plots.rundata import load_runs
 
@@ -48,7 +49,7 @@ def folders(tmp_path) -> tuple[dict[str, dict], dict[str, study.Job]]:
     jobs = {"ce0": online["ce/seed0"], "online0": online["kd/seed0"],
             "online1": online["kd/seed1"], "cached0": cached["kd/seed0"]}
     configs = {name: saved_config(job) for name, job in jobs.items()}
-    configs["old0"] = {k: v for k, v in configs["online0"].items() if k not in LATER_DEFAULTS}
+    configs["old0"] = {k: v for k, v in configs["online0"].items() if k not in later_defaults()}
     return configs, jobs
 
 
@@ -90,9 +91,9 @@ def test_later_defaults_are_the_scripts_defaults():
     must not drift apart."""
     defaults = vars(distill_student.build_parser().parse_args([]))
     run_info = {"teacher_logits": "online", "teacher_cache_sha256": None}  # what main() records
-    assert all(defaults.get(k, run_info.get(k)) == v for k, v in LATER_DEFAULTS.items())
-    method_flags = {f for flags in distill_student.METHOD_FLAGS.values() for f in flags}
-    assert method_flags <= set(LATER_DEFAULTS) | {"T", "alpha"}  # every flag added since
+    assert all(defaults.get(k, run_info.get(k)) == v for k, v in later_defaults().items())
+    method_flags = {f for flags in METHOD_FLAGS.values() for f in flags}
+    assert method_flags | {"method"} <= set(later_defaults())  # every flag added since
 
 
 @pytest.mark.parametrize("out", ["notes.txt", "notes.txt/run"])

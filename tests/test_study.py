@@ -21,6 +21,7 @@ import study
 from kd import launch
 from helpers import REPO, assert_one_line_error, run_in_process
 from kd.errors import UserError
+from kd.methods import METHOD_FLAGS, METHODS
 from kd.train import TIMING_COLUMNS
 from plots.rundata import load_runs
 from plots.study import gain, paired_interval, read_study, study_section, t_quantile
@@ -128,15 +129,15 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
         flag = [] if name is None else [f"--{name}"] + ([changed[name]] if changed[name] else [])
         args = parser.parse_args([*base, "--method", method, *flag])
         inputs = [student, teacher, labels]
-        connector = distill_student.METHODS[method].connector
+        connector = METHODS[method].connector
         if connector:
             torch.manual_seed(0)  # the same initial weights and negatives whatever the flags
-            connect = connector(args, None, None)
+            connect = connector(args, None, None, distill_student.training_labels(args))
             connect(keys, labels)  # a second step reads what the first left (CRD's memory)
             inputs.append(connect(keys, labels))
         return distill_student.loss_at(args, 2)(*inputs)[0].item()
 
-    for method, reads in distill_student.METHOD_FLAGS.items():
+    for method, reads in METHOD_FLAGS.items():
         default = loss(method, None)
         for name in changed:
             assert (loss(method, name) != default) == (name in reads), (method, name)

@@ -10,8 +10,9 @@ import torch
 from helpers import optimization, train_loader
 from kd.data import DeviceLoader, load_split, normalize
 from kd.errors import UserError
-from kd import features
-from kd.losses import ce_loss, fitnet_objective, kd_loss
+from kd.losses import ce_loss
+from kd.methods import fitnet
+from kd.methods.kd import kd_loss
 from kd.models import build_student, build_teacher
 from kd.train import (Record, Step, make_optimization, predict, train_one_epoch, train_step,
                       warmup_cosine)
@@ -128,12 +129,12 @@ def test_feature_step_trains_student_and_connector_never_the_teacher(fake_data):
     and BatchNorm statistics stay as they were."""
     torch.manual_seed(0)
     teacher, student = build_teacher(32).eval().requires_grad_(False), build_student()
-    connector = features.hint_regressor(SimpleNamespace(hint_stage=2), student, teacher)
+    connector = fitnet.connector(SimpleNamespace(hint_stage=2), student, teacher, None)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     connector_before = {k: v.clone() for k, v in connector.state_dict().items()}
     loader = train_loader(fake_data, batch_size=25, n_images=50)
     opt = optimization(torch.nn.ModuleList([student, connector]), len(loader))
-    loss_fn = functools.partial(fitnet_objective, ce_weight=1.0, hint_weight=100.0)
+    loss_fn = functools.partial(fitnet.fitnet_objective, ce_weight=1.0, hint_weight=100.0)
     step = Step(student, lambda images, keys: teacher(images), loss_fn, opt, connector)
     stats = train_one_epoch(step, loader, 1)
     assert stats["train_hint"] > 0 and "train_ce" in stats
