@@ -86,3 +86,30 @@ def teacher_taps(teacher: nn.Module, student: Taps) -> Taps:
 def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
     """x's maps adaptive-average-pooled down to size x size (unchanged when not larger)."""
     return F.adaptive_avg_pool2d(x, size) if x.shape[-1] > size else x
+
+
+class PairedTaps(nn.Module):
+    """The connector of a method that compares the maps themselves (no parameters): the
+    student's and the teacher's taps at the indices `which` (0..STAGES - 1: the stages, STAGES:
+    the pooled feature), each pair pooled to the smaller of their sizes when match_sizes.
+    Returns (student maps, teacher maps), lists in the order of `which`."""
+
+    def __init__(self, student: Taps, teacher: Taps, which: list[int], match_sizes: bool = True):
+        super().__init__()
+        self.taps, self.which, self.match_sizes = (student, teacher), which, match_sizes
+
+    def forward(self, keys: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        student, teacher = (taps.read(self.which) for taps in self.taps)
+        if self.match_sizes:
+            sizes = [min(s.shape[-1], t.shape[-1]) for s, t in zip(student, teacher)]
+            student = [pool_to(s, size) for s, size in zip(student, sizes)]
+            teacher = [pool_to(t, size) for t, size in zip(teacher, sizes)]
+        return student, teacher
+
+
+def paired_taps(student: nn.Module, teacher: nn.Module, which: list[int],
+                match_sizes: bool = True) -> PairedTaps:
+    """PairedTaps on taps of both models (the teacher's following the student's)."""
+    taps = student_taps(student)
+    return PairedTaps(taps, teacher_taps(teacher, taps), which, match_sizes)

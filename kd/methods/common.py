@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd.flags import number, positive_float
+from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, wide
 
 weight = number(float, 0)
@@ -44,6 +44,7 @@ SHARED_FLAGS = {
     "ce_weight": (dict(type=weight, default=1.0), "weight of the hard-label CE"),
     "logit_std": (dict(action="store_true"),
                   "standardize each image's logits (mean 0, std 1) before T"),
+    "feat_dim": (dict(type=positive_int, default=128), "dimension of both embeddings"),
 }
 
 

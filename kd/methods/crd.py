@@ -143,8 +143,6 @@ def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crd_weight", type=weight, default=0.8,
                    help="crd: weight of the contrastive loss")
-    p.add_argument("--feat_dim", type=positive_int, default=128,
-                   help="crd: dimension of both embeddings")
     p.add_argument("--nce_k", type=positive_int, default=16384,
                    help="crd: negatives per image, drawn from the training images of other "
                         "classes")
