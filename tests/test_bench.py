@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_one_line_error, run_in_process
 import kd.bench
 import kd.train
+from kd.methods import METHODS
 
 
 @pytest.mark.slow  # the benchmark: seconds of every configuration
@@ -25,12 +26,14 @@ def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     assert data["ratio"] > 0
 
     train = {row["config"]: row for row in report["train"]}
-    assert set(train) == {"teacher_32", "student_ce", "kd_t32", "kd_cached", "fitnet_t32",
-                          "crd_t32", "reviewkd_t32"}
+    feature_rows = {f"{name}_t32" for name, method in METHODS.items() if method.connector}
+    assert set(kd.bench.FEATURE_CONFIGS) == feature_rows
+    assert set(train) == {"teacher_32", "student_ce", "kd_t32", "kd_cached", *feature_rows}
     assert train["kd_cached"]["vs_student_ce"] > 0 and report["cache_build"]["views_per_s"] > 0
-    for name in ("fitnet_t32", "crd_t32", "reviewkd_t32"):  # the feature methods' cost
+    for name in feature_rows:  # the feature methods' cost
         assert train[name]["vs_student_ce"] > 0 and train[name]["vs_kd_t32"] > 0
-        assert train[name]["connector_params"] > 0
+        parameter_free = name in {"at_t32", "pkt_t32", "rkd_t32", "sp_t32", "nst_t32"}
+        assert (train[name]["connector_params"] == 0) == parameter_free
     assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
     for name in ("student_ce", "kd_t32", "kd_cached", "crd_t32"):
         assert train[name]["loader_img_per_s"] > 0 and "input_cost_pct" in train[name]

@@ -122,7 +122,10 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
                "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1",
                "hint_weight": "3", "hint_stage": "3", "crd_weight": "2", "feat_dim": "16",
                "nce_k": "50", "nce_t": "0.5", "nce_m": "0.9", "review_weight": "2",
-               "review_warmup": "5"}
+               "review_warmup": "5", "at_weight": "3", "at_p": "1", "pkt_weight": "3",
+               "rkd_weight": "3", "rkd_distance": "3", "rkd_angle": "3", "sp_weight": "3",
+               "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2"}
+    assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
 
     def loss(method: str, name: str | None) -> float:
