@@ -18,6 +18,9 @@ returns what the method's loss compares.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.mobilenetv3 import InvertedResidual
+from torchvision.models.resnet import Bottleneck
+from torchvision.ops.misc import Conv2dNormActivation
 
 TEACHER_TAPS = ["net.layer1", "net.layer2", "net.layer3", "net.layer4", "net.avgpool"]
 STUDENT_POOLED = "avgpool"
@@ -34,11 +37,16 @@ class Taps:
     mode) keep nothing, so no evaluation batch's maps stay held.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], follows: "Taps | None" = None):
+    def __init__(self, model: nn.Module, names: list[str], follows: "Taps | None" = None,
+                 preact: bool = False):
+        """preact: record each module's output before its final activation (pre_activation)."""
         self.names, self.outputs, self.follows, self.probing = names, {}, follows, True
         modules = dict(model.named_modules())
         for name in names:
-            modules[name].register_forward_hook(self._recorder(name))
+            if preact:
+                pre_activation(modules[name], self._recorder(name), self._keeping)
+            else:
+                modules[name].register_forward_hook(self._recorder(name))
         training = model.training
         with torch.no_grad():
             model.eval()
@@ -47,10 +55,14 @@ class Taps:
         self.shapes = [t.shape[1:] for t in self.read()]
         self.probing = False
 
+    def _keeping(self) -> bool:
+        """Whether the forward running now is one whose outputs are kept."""
+        return self.probing or (bool(self.follows.outputs) if self.follows else
+                                torch.is_grad_enabled())
+
     def _recorder(self, name: str):
         def record(module, inputs, output) -> None:
-            if self.probing or (bool(self.follows.outputs) if self.follows else
-                                torch.is_grad_enabled()):
+            if self._keeping():
                 self.outputs[name] = output
         return record
 
@@ -62,9 +74,8 @@ class Taps:
         return [t.clone() if t.is_inference() else t for t in outputs]
 
 
-def student_taps(student: nn.Module) -> Taps:
-    """Taps on the student's stages (its last block at each resolution after the stem) and its
-    pooled feature."""
+def student_stages(student: nn.Module) -> list[str]:
+    """The student's stages: its last block at each resolution after the stem."""
     x, sizes = torch.zeros(2, 3, 32, 32, device=next(student.parameters()).device), []
     training = student.training
     with torch.no_grad():
@@ -74,13 +85,49 @@ def student_taps(student: nn.Module) -> Taps:
             sizes.append(x.shape[-1])
     student.train(training)
     ends = [i for i in range(1, len(sizes)) if i == len(sizes) - 1 or sizes[i + 1] < sizes[i]]
-    return Taps(student, [*(f"features.{i}" for i in ends), STUDENT_POOLED])
+    return [f"features.{i}" for i in ends]
+
+
+def student_taps(student: nn.Module) -> Taps:
+    """Taps on the student's stages and its pooled feature."""
+    return Taps(student, [*student_stages(student), STUDENT_POOLED])
 
 
 def teacher_taps(teacher: nn.Module, student: Taps) -> Taps:
     """Taps on the teacher's layer1..layer4 and its pooled feature, recording the teacher's
     forward that follows a recorded student forward."""
     return Taps(teacher, TEACHER_TAPS, follows=student)
+
+
+def pre_activation(module: nn.Module, record, keeping) -> None:
+    """Hooks that call record(module, inputs, x) when keeping(), x: the module's output before
+    its final activation, for the modules our taps read: a torchvision ResNet Bottleneck without
+    downsampling (bn3's output plus the block's input: the residual sum its last ReLU reads), a
+    Conv2dNormActivation (its BatchNorm's output), or a block that ends without an activation
+    (MobileNetV3's InvertedResidual: its output). The activations run in place, hence the
+    copies."""
+    if isinstance(module, Bottleneck) and module.downsample is None:
+        normalized = {}
+        module.bn3.register_forward_hook(
+            lambda m, inputs, output: normalized.update(x=output.clone()) if keeping() else None)
+        module.register_forward_hook(lambda m, inputs, output: record(
+            m, inputs, normalized.pop("x") + inputs[0]) if "x" in normalized else None)
+    elif isinstance(module, Conv2dNormActivation):
+        module[1].register_forward_hook(lambda m, inputs, output: record(
+            m, inputs, output.clone()) if keeping() else None)
+    elif isinstance(module, InvertedResidual):
+        module.register_forward_hook(record)
+    else:
+        raise ValueError(f"no pre-activation tap for a {type(module).__name__}")
+
+
+def preact_taps(student: nn.Module, teacher: nn.Module) -> tuple[Taps, Taps]:
+    """Taps on both models' stages before their final activation (pre_activation): the
+    student's stages, the teacher's last Bottleneck of layer1..layer4."""
+    student_stage = Taps(student, student_stages(student), preact=True)
+    last_blocks = [f"{name}.{len(dict(teacher.named_modules())[name]) - 1}"
+                   for name in TEACHER_TAPS[:STAGES]]
+    return student_stage, Taps(teacher, last_blocks, follows=student_stage, preact=True)
 
 
 def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The RepDistiller/mdistiller baselines (kd/methods/{at,pkt,rkd,sp,nst,cc,vid}.py): each loss
-against its reference code's formula written out here (RepDistiller's distiller_zoo/<NAME>.py, as
-loops where the reference vectorises), values and gradients in float64 on random inputs, at the
+"""The RepDistiller/mdistiller baselines (kd/methods/ at, pkt, rkd, sp, nst, cc, vid, ofd, kdsvd):
+each loss against its reference code's formula written out here (RepDistiller's
+distiller_zoo/<NAME>.py, mdistiller's distillers/OFD.py; as loops where the reference vectorises), values and gradients in float64 on random inputs, at the
 shapes our pair gives (the channels and sizes of the two models differ); then what each
 connector adds."""
 import math
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kd import features
-from kd.methods import at, cc, nst, pkt, rkd, sp, vid
+from kd.methods import at, cc, kdsvd, nst, ofd, pkt, rkd, sp, vid
+from kd.models import build_student, build_teacher
 
 G = lambda seed: torch.Generator().manual_seed(seed)
 B = 6
@@ -250,3 +251,103 @@ def test_the_losses_are_float32_from_low_precision_inputs():
     for loss in (at.at_loss(ps, pt, 2), nst.nst_loss(ps, pt), sp.sp_loss(s[3], t[3]),
                  pkt.pkt_loss(f_s, f_t), rkd.rkd_losses(f_s, f_t)[0], cc.cc_loss(f_s, f_s)):
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def reference_margin(gamma: float, beta: float) -> float:
+    """mdistiller's OFD margin of one channel (scipy's norm.cdf written with erf)."""
+    s, m = abs(gamma), beta
+    cdf = 0.5 * (1 + math.erf(-m / s / math.sqrt(2)))
+    if cdf > 0.001:
+        return -s * math.exp(-(m / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf + m
+    return -3 * s
+
+
+def reference_ofd(g_s, g_t, margins):
+    """mdistiller's feat_loss per stage, weighted 1 / 2^(n - i - 1), element by element rules."""
+    total, n = 0.0, len(g_s)
+    for i, (s, t, m) in enumerate(zip(g_s, g_t, margins)):
+        m = m.view(1, -1, 1, 1)
+        loss = ((s - m) ** 2 * ((s > m) & (t <= m)).float()
+                + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0)).float()
+                + (s - t) ** 2 * (t > 0).float())
+        total = total + torch.abs(loss).mean(dim=0).sum() / 2 ** (n - i - 1)
+    return total
+
+
+def test_ofd_is_mdistillers_partial_l2_with_its_margins():
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5, 0.1, 3.0]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 1.0, 2.0]))  # channel 3: P(x < 0) < 0.001
+    expected = [reference_margin(g, b) for g, b in zip(bn.weight.tolist(), bn.bias.tolist())]
+    assert expected[3] == pytest.approx(-0.3)
+    assert ofd.margin(bn).tolist() == pytest.approx(expected, rel=1e-6)
+    shapes = [(4, 4, 4), (6, 2, 2)]
+    s, t = maps(0, shapes), maps(5, shapes)  # pre-activation: of both signs
+    margins = [-maps(9, [(4,)])[0][0].abs(), -maps(10, [(6,)])[0][0].abs()]
+    assert_same(lambda *m: ofd.ofd_loss(m[:2], m[2:], margins),
+                lambda *m: reference_ofd(m[:2], m[2:], margins), s, t)
+
+
+def test_ofd_taps_read_both_models_before_their_activations():
+    """The teacher's tap is the residual sum its last ReLU reads (relu of it is the block's
+    output), the student's last stage its BatchNorm's output before the Hardswish; the margins
+    come from each stage's last bn3, and the teacher stays in eval mode."""
+    torch.manual_seed(0)
+    student, teacher = build_student(), build_teacher(32).eval().requires_grad_(False)
+    connector = ofd.connector(None, student, teacher, None)
+    x = torch.randn(2, 3, 32, 32)
+    blocks, outputs = [student.features[12], teacher.net.layer1[-1], teacher.net.layer4[-1]], []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.clone())) for b in blocks]
+    student(x)
+    with torch.inference_mode():
+        teacher(x)
+    for hook in hooks:
+        hook.remove()
+    s_maps, t_maps = connector.taps[0].read(), connector.taps[1].read()
+    assert torch.equal(torch.relu(t_maps[0]), outputs[1]) and torch.equal(torch.relu(t_maps[3]),
+                                                                          outputs[2])
+    assert (t_maps[0] < 0).any() and (s_maps[3] < 0).any()
+    assert torch.allclose(F.hardswish(s_maps[3]), outputs[0])
+    assert torch.equal(connector.margin3, ofd.margin(teacher.net.layer4[-1].bn3))
+    assert not teacher.training
+
+
+def reference_kdsvd(g_s, g_t, k=1):
+    """RepDistiller's KDSVD.forward with its svd() on each image's [C, HW] map (the reference
+    reshapes to [HW, C]; see kd/methods/kdsvd.py), through torch.svd and its removenan."""
+    def svd(feat, n):
+        u, s, v = torch.svd(feat.view(B, feat.shape[1], -1))
+        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+        v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
+
+    def align_rsv(a, b):
+        cosine = torch.matmul(a.transpose(-2, -1), b)
+        max_abs_cosine, _ = torch.max(torch.abs(cosine), 1, keepdim=True)
+        mask = torch.where(torch.eq(max_abs_cosine, torch.abs(cosine)), torch.sign(cosine),
+                           torch.zeros_like(cosine))
+        return torch.matmul(a, mask)
+
+    losses, v_sb, v_tb = [], None, None
+    for i, (f_s, f_t) in enumerate(zip(g_s, g_t)):
+        s_t, v_t = svd(f_t, k)
+        _, v_s = svd(f_s, k + 3)
+        v_s = align_rsv(v_s, v_t)
+        v_t, v_s = v_t * s_t.unsqueeze(1), v_s * s_t.unsqueeze(1)
+        if i > 0:
+            s_rbf = torch.exp(-(v_s.unsqueeze(2) - v_sb.unsqueeze(1)).pow(2) / 8)
+            t_rbf = torch.exp(-(v_t.unsqueeze(2) - v_tb.unsqueeze(1)).pow(2) / 8)
+            l2loss = (s_rbf - t_rbf.detach()).pow(2)
+            losses.append(torch.where(torch.isfinite(l2loss), l2loss, 0 * l2loss).sum() / B)
+        v_tb, v_sb = v_t, v_s
+    return sum(losses)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_is_repdistillers_on_the_maps_by_position(k):
+    shapes_s, shapes_t = [(16, 4, 4), (24, 2, 2), (48, 2, 2)], [(32, 4, 4), (64, 2, 2),
+                                                                (128, 2, 2)]
+    s, t = maps(0, shapes_s), maps(10, shapes_t, relu=True)
+    assert_same(lambda *m: kdsvd.kdsvd_loss(m[:3], m[3:], k),
+                lambda *m: reference_kdsvd(m[:3], m[3:], k), s, t)

@@ -303,7 +303,8 @@ def test_every_method_runs_from_the_cache(cached_and_online, method, flags, term
 
 # Each feature method and a term of its own in log.csv
 FEATURE_TERMS = {"fitnet": "hint", "crd": "crd", "reviewkd": "review", "at": "at", "pkt": "pkt",
-                 "rkd": "distance", "sp": "sp", "nst": "nst", "cc": "cc", "vid": "vid"}
+                 "rkd": "distance", "sp": "sp", "nst": "nst", "cc": "cc", "vid": "vid",
+                 "ofd": "ofd", "kdsvd": "kdsvd"}
 
 
 def test_every_feature_method_is_tested():

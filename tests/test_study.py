@@ -17,6 +17,7 @@ import torch
 
 import distill_student
 import kd.features
+import kd.methods.ofd
 import study
 from kd import launch
 from helpers import REPO, assert_one_line_error, run_in_process
@@ -118,13 +119,18 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
     monkeypatch.setattr(kd.features, "student_taps", lambda model: FixedTaps(student_shapes, 1))
     monkeypatch.setattr(kd.features, "teacher_taps",
                         lambda model, student: FixedTaps(teacher_shapes, 2))
+    monkeypatch.setattr(kd.features, "preact_taps", lambda student, teacher: (
+        FixedTaps(student_shapes[:4], 3), FixedTaps(teacher_shapes[:4], 4)))
+    margins = [-torch.rand(c, generator=g) for c, *_ in teacher_shapes[:4]]
+    monkeypatch.setattr(kd.methods.ofd, "stage_margins", lambda teacher, taps: margins)
     changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
                "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1",
                "hint_weight": "3", "hint_stage": "3", "crd_weight": "2", "feat_dim": "16",
                "nce_k": "50", "nce_t": "0.5", "nce_m": "0.9", "review_weight": "2",
                "review_warmup": "5", "at_weight": "3", "at_p": "1", "pkt_weight": "3",
                "rkd_weight": "3", "rkd_distance": "3", "rkd_angle": "3", "sp_weight": "3",
-               "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2"}
+               "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2",
+               "ofd_weight": "3", "kdsvd_weight": "3", "kdsvd_k": "2"}
     assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
 
