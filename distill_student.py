@@ -81,7 +81,8 @@ def main() -> None:
     student = build_student(args.stem)
     connector = method.connector(args, student, teacher, training_labels(args)) \
         if method.connector else None
-    fit(args, student, start, loss_at, run_info, Teacher(teacher, train_logits, connector))
+    fit(args, student, start, loss_at, run_info,
+        Teacher(teacher, train_logits, connector, method.init))
 
 
 def refuse_unread_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ EXPORT_DIR = "export"  # kd.export's default --out inside a run folder, where th
 VALIDATION_FILE = "validation.json"  # kd.export's record of what it exported and measured
 EXPORT_FILE = os.path.join(EXPORT_DIR, VALIDATION_FILE)
 RUN_FILES = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", "logits_last.pt",
-             "logits_best.pt")
+             "logits_best.pt", "init_log.csv")
 # Config keys that record where and how a run executed, not what it computed: they may change on
 # --resume, and runs that differ only in these and the seed are seeds of one experiment.
 EXECUTION_KEYS = {"command", "torch", "torchvision", "device_name", "git_commit", "world_size",
@@ -185,7 +185,10 @@ def rerun_command(flag: str) -> str:
     return shlex.join([sys.executable, *argv, flag])
 
 
-def stopped_message(epochs_done: int) -> str:
+def stopped_message(epochs_done: int, init_epochs_done: int = 0) -> str:
+    if epochs_done == 0 and init_epochs_done:
+        return (f"last.pt holds init epoch {init_epochs_done}. Resume with:\n"
+                f"  {rerun_command('--resume')}")
     if epochs_done == 0:
         return (f"no epoch finished, so nothing was saved. Start again with:\n"
                 f"  {rerun_command('--overwrite')}")

@@ -71,6 +71,22 @@ class Teacher:
     module: nn.Module  # on the device; gives the evaluation splits' logits, once per run
     train_logits: TeacherLogits  # a training batch's logits: the module's forward or a cache
     connector: nn.Module | None = None  # connector(keys, labels) -> the feature loss's inputs
+    init: "InitStage | None" = None  # a stage before the first epoch (--init_epochs)
+
+
+@dataclass(frozen=True)
+class InitStage:
+    """A method's initialisation stage (RepDistiller's helper/pretrain.py), --init_epochs epochs
+    before the first: only parameters(model, connector) train, by an SGD of their own at the
+    fixed lr(args) (--momentum, --weight_decay), on loss(args), called as
+    (logits, teacher_logits, labels, connect(connector, keys, labels)); the other modules keep
+    their weights and, outside training(model, connector), their BatchNorm statistics."""
+
+    parameters: Callable[[nn.Module, nn.Module], list[nn.Parameter]]
+    loss: Callable[[argparse.Namespace], LossFn]
+    lr: Callable[[argparse.Namespace], float]
+    connect: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple]
+    training: Callable[[nn.Module, nn.Module], list[nn.Module]]  # in train mode during it
 
 
 def fit(args: argparse.Namespace, model: nn.Module, start: Start,
@@ -100,12 +116,15 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     if args.compile:  # graphs for the trained model, the eval model and each epoch's loss
         model, eval_model = torch.compile(model), torch.compile(model_without_ddp)
     should_stop = agreed_stop(stop_requested, world, device)
+    if teacher and teacher.init and record.epoch == 0:  # a finished epoch: the stage is done
+        initialize(args, teacher, model_without_ddp, connector, opt, train_loader, record,
+                   should_stop)
     for epoch in range(record.epoch + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
         loss_fn = torch.compile(loss_at(args, epoch)) if args.compile else loss_at(args, epoch)
         step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt, connector)
-        with resume_hint(record.saved_epoch):
+        with resume_hint(record.saved_epoch, record.init.get("epoch", 0)):
             stats = train_one_epoch(step, train_loader, epoch, should_stop,
                                     show_progress=world.is_main)
         check_in_sync(model_without_ddp, world)
@@ -116,6 +135,49 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
         state = training_state(model_without_ddp, connector, opt)
         record.end_epoch({"epoch": epoch, **stats, **metrics}, state, blob)
     return record.finish()
+
+
+def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, connector: nn.Module,
+               opt: "Optimization", loader: DeviceLoader, record: "Record",
+               should_stop: Callable[[], bool]) -> None:
+    """Run the rest of teacher.init's epochs (InitStage), each with the data order of its own
+    epoch (numbered -1, -2, ...). After each, init_log.csv gets its mean loss and terms, and
+    last.pt the stage's progress, so a stopped run resumes inside the stage."""
+    stage = teacher.init
+    optimizer = torch.optim.SGD(stage.parameters(model, connector), lr=stage.lr(args),
+                                momentum=args.momentum, weight_decay=args.weight_decay,
+                                foreach=True)
+    init_opt = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1),
+                            torch.amp.GradScaler(enabled=opt.scaler.is_enabled()), opt.autocast)
+    if record.init:
+        init_opt.load_state_dict(record.init["optimization"])
+    logger = CSVLogger(record.path("init_log.csv"), keep_epochs=record.init.get("epoch", 0)) \
+        if record.is_main else None
+    step = Step(model, teacher.train_logits, stage.loss(args), init_opt,
+                lambda keys, labels: stage.connect(connector, keys, labels))
+    for epoch in range(record.init.get("epoch", 0) + 1, args.init_epochs + 1):
+        model.eval(), connector.eval()
+        for module in stage.training(model, connector):
+            module.train()
+        loader.set_epoch(-epoch)
+        torch.manual_seed(derive_seed(args.seed, -epoch))
+        sums, start = 0, time.perf_counter()
+        with resume_hint(0, record.init.get("epoch", 0)):
+            for images, labels, keys in tqdm(loader, desc=f"init epoch {epoch}", leave=False,
+                                             disable=not record.is_main):
+                if should_stop():
+                    raise StopRequested
+                loss, _, terms = train_step(step, images, labels, keys)
+                sums = sums + torch.stack([loss.detach().float(),
+                                           *(t.detach().float() for t in terms.values())])
+            means = (sums / len(loader)).tolist()  # the stage's one read per epoch
+            if not math.isfinite(means[0]):
+                raise UserError(f"the loss became NaN or infinite in init epoch {epoch}")
+        row = {"epoch": epoch, "init_loss": means[0],
+               **{f"init_{name}": v for name, v in zip(terms, means[1:])},
+               "epoch_time_s": time.perf_counter() - start}
+        record.init = {"epoch": epoch, "optimization": init_opt.state_dict()}
+        record.save_init(row, training_state(model, connector, opt), logger)
 
 
 class Record:
@@ -129,6 +191,7 @@ class Record:
         self.epoch, self.best, self.last, self.elapsed_s = 0, {self.select: -1.0}, {}, 0.0
         self.blown_up: list[int] = []  # epochs whose test predictions blew up (kd.metrics)
         self.saved_epoch = 0  # the epoch last.pt holds
+        self.init: dict = {}  # the init stage's progress: its epoch and optimizer (InitStage)
         self.logger, self.clock = None, None  # the clock runs from begin()
 
     def path(self, name: str) -> str:
@@ -182,6 +245,16 @@ class Record:
               f"{val}test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s",
               flush=True)
 
+    def save_init(self, row: dict, state: dict, logger: CSVLogger | None) -> None:
+        """An init epoch's row in init_log.csv and last.pt (rank 0)."""
+        if not self.is_main:
+            return
+        logger.log(row)
+        save_checkpoint(self.path("last.pt"), {**state, "config": self.config, **self.progress(),
+                                               "init": self.init})
+        print(f"init epoch {row['epoch']}/{self.args.init_epochs}  init_loss "
+              f"{row['init_loss']:.4f}", flush=True)
+
     def progress(self) -> dict:
         return {"epoch": self.epoch, "best": self.best, "last": self.last,
                 "elapsed_s": self.elapsed_s, "blown_up": self.blown_up}
@@ -229,6 +302,7 @@ def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module
         record.epoch, record.best, record.last = ckpt["epoch"], ckpt["best"], ckpt["last"]
         record.elapsed_s, record.saved_epoch = ckpt["elapsed_s"], ckpt["epoch"]
         record.blown_up = ckpt.get("blown_up", [])  # absent from runs saved before it
+        record.init = ckpt.get("init", {})
     return record
 
 
@@ -245,15 +319,15 @@ def evaluate_teacher(teacher: Teacher | None, loaders: dict[str, DeviceLoader], 
 
 
 @contextlib.contextmanager
-def resume_hint(saved_epoch: int):
+def resume_hint(saved_epoch: int, saved_init_epoch: int = 0):
     """A NaN loss or a stop signal inside the block ends the run with how to go on from the
-    epoch last.pt holds; nothing of the unfinished epoch is saved."""
+    epoch (or init epoch) last.pt holds; nothing of the unfinished epoch is saved."""
     try:
         yield
     except UserError as e:
-        raise UserError(f"{e}; {stopped_message(saved_epoch)}") from None
+        raise UserError(f"{e}; {stopped_message(saved_epoch, saved_init_epoch)}") from None
     except StopRequested:
-        raise StopRequested(stopped_message(saved_epoch)) from None
+        raise StopRequested(stopped_message(saved_epoch, saved_init_epoch)) from None
 
 
 @dataclass

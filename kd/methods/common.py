@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, wide
+from kd.train import InitStage
 
 weight = number(float, 0)
 # a feature method's connector, built from distill_student.py's flags, the student, the teacher
@@ -28,13 +29,15 @@ class Method:
     loss it minimises in an epoch, called by kd.train as loss(logits, teacher_logits, labels) or,
     with a connector, loss(logits, teacher_logits, labels, connector(keys, labels));
     connector: for a feature method, what builds the trainable module that reads both models'
-    taps (kd.features), trained with the student and saved apart from it in last.pt.
+    taps (kd.features), trained with the student and saved apart from it in last.pt; init: a
+    stage of --init_epochs before the first epoch (kd.train.InitStage).
     """
 
     flags: tuple[str, ...]
     add_flags: Callable[[argparse.ArgumentParser], None]
     loss_at: Callable[[argparse.Namespace, int], LossFn]
     connector: Connector | None = None
+    init: InitStage | None = None
 
 
 # The flags several methods read: name -> (argparse keywords, what it is); the help names the
@@ -45,6 +48,8 @@ SHARED_FLAGS = {
     "logit_std": (dict(action="store_true"),
                   "standardize each image's logits (mean 0, std 1) before T"),
     "feat_dim": (dict(type=positive_int, default=128), "dimension of both embeddings"),
+    "init_epochs": (dict(type=number(int, 0), default=30),
+                    "epochs of the initialisation stage before the first (RepDistiller's)"),
 }
 
 
