@@ -121,6 +121,12 @@ def pre_activation(module: nn.Module, record, keeping) -> None:
         raise ValueError(f"no pre-activation tap for a {type(module).__name__}")
 
 
+def stage_taps(student: nn.Module, teacher: nn.Module) -> tuple[Taps, Taps]:
+    """Taps on both models' four stages alone (no pooled feature)."""
+    stages = Taps(student, student_stages(student))
+    return stages, Taps(teacher, TEACHER_TAPS[:STAGES], follows=stages)
+
+
 def preact_taps(student: nn.Module, teacher: nn.Module) -> tuple[Taps, Taps]:
     """Taps on both models' stages before their final activation (pre_activation): the
     student's stages, the teacher's last Bottleneck of layer1..layer4."""

@@ -33,7 +33,7 @@ def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     for name in feature_rows:  # the feature methods' cost
         assert train[name]["vs_student_ce"] > 0 and train[name]["vs_kd_t32"] > 0
         parameter_free = name in {"at_t32", "pkt_t32", "rkd_t32", "sp_t32", "nst_t32",
-                                  "kdsvd_t32"}
+                                  "kdsvd_t32"}  # AB, FT, FSP: connectors of their init stage
         assert (train[name]["connector_params"] == 0) == parameter_free
     assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
     for name in ("student_ce", "kd_t32", "kd_cached", "crd_t32"):

@@ -115,12 +115,13 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
     student, teacher = torch.randn(16, 100, generator=g), torch.randn(16, 100, generator=g) * 3
     labels, keys = torch.arange(16), torch.arange(16) * 162
     student_shapes = [(4, 16, 16), (6, 8, 8), (8, 4, 4), (10, 2, 2), (10, 1, 1)]  # small: fast
-    teacher_shapes = [(8, 8, 8), (12, 4, 4), (16, 2, 2), (20, 1, 1), (20, 1, 1)]
+    teacher_shapes = [(8, 8, 8), (12, 4, 4), (16, 2, 2), (20, 2, 2), (20, 1, 1)]  # FT: 2 x 2
     monkeypatch.setattr(kd.features, "student_taps", lambda model: FixedTaps(student_shapes, 1))
     monkeypatch.setattr(kd.features, "teacher_taps",
                         lambda model, student: FixedTaps(teacher_shapes, 2))
-    monkeypatch.setattr(kd.features, "preact_taps", lambda student, teacher: (
-        FixedTaps(student_shapes[:4], 3), FixedTaps(teacher_shapes[:4], 4)))
+    for four_stages in ("preact_taps", "stage_taps"):
+        monkeypatch.setattr(kd.features, four_stages, lambda student, teacher: (
+            FixedTaps(student_shapes[:4], 3), FixedTaps(teacher_shapes[:4], 4)))
     margins = [-torch.rand(c, generator=g) for c, *_ in teacher_shapes[:4]]
     monkeypatch.setattr(kd.methods.ofd, "stage_margins", lambda teacher, taps: margins)
     changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
@@ -130,21 +131,27 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
                "review_warmup": "5", "at_weight": "3", "at_p": "1", "pkt_weight": "3",
                "rkd_weight": "3", "rkd_distance": "3", "rkd_angle": "3", "sp_weight": "3",
                "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2",
-               "ofd_weight": "3", "kdsvd_weight": "3", "kdsvd_k": "2"}
+               "ofd_weight": "3", "kdsvd_weight": "3", "kdsvd_k": "2", "init_epochs": "3",
+               "ab_margin": "2", "ft_weight": "3"}
     assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
 
-    def loss(method: str, name: str | None) -> float:
+    def loss(method: str, name: str | None) -> tuple:
+        """The method's loss and, with an init stage, its init loss and length."""
         flag = [] if name is None else [f"--{name}"] + ([changed[name]] if changed[name] else [])
         args = parser.parse_args([*base, "--method", method, *flag])
         inputs = [student, teacher, labels]
-        connector = METHODS[method].connector
-        if connector:
+        entry = METHODS[method]
+        if entry.connector:
             torch.manual_seed(0)  # the same initial weights and negatives whatever the flags
-            connect = connector(args, None, None, distill_student.training_labels(args))
+            connect = entry.connector(args, None, None, distill_student.training_labels(args))
             connect(keys, labels)  # a second step reads what the first left (CRD's memory)
             inputs.append(connect(keys, labels))
-        return distill_student.loss_at(args, 2)(*inputs)[0].item()
+        value = (distill_student.loss_at(args, 2)(*inputs)[0].item(),)
+        if entry.init:
+            init_inputs = [*inputs[:3], entry.init.connect(connect, keys, labels)]
+            value += (entry.init.loss(args)(*init_inputs)[0].item(), args.init_epochs)
+        return value
 
     for method, reads in METHOD_FLAGS.items():
         default = loss(method, None)

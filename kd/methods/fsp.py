@@ -54,9 +54,7 @@ def init_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
               labels: torch.Tensor) -> StageConnectors:
-    stages = features.Taps(student, features.student_stages(student))
-    return StageConnectors(stages, features.Taps(teacher, features.TEACHER_TAPS[:features.STAGES],
-                                                 follows=stages))
+    return StageConnectors(*features.stage_taps(student, teacher))
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
