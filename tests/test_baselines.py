@@ -1,8 +1,8 @@
 """The RepDistiller/mdistiller baselines (kd/methods/ at, pkt, rkd, sp, nst, cc, vid, ofd, kdsvd):
 each loss against its reference code's formula written out here (RepDistiller's
-distiller_zoo/<NAME>.py, mdistiller's distillers/OFD.py; as loops where the reference vectorises), values and gradients in float64 on random inputs, at the
-shapes our pair gives (the channels and sizes of the two models differ); then what each
-connector adds."""
+distiller_zoo/<NAME>.py, mdistiller's distillers/OFD.py; as loops where the reference
+vectorises), values and gradients in float64 on random inputs, at the shapes our pair gives
+(the channels and sizes of the two models differ); then what each connector adds."""
 import math
 
 import pytest

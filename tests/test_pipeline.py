@@ -305,7 +305,7 @@ def test_every_method_runs_from_the_cache(cached_and_online, method, flags, term
 FEATURE_TERMS = {"fitnet": "hint", "crd": "crd", "reviewkd": "review", "at": "at", "pkt": "pkt",
                  "rkd": "distance", "sp": "sp", "nst": "nst", "cc": "cc", "vid": "vid",
                  "ofd": "ofd", "kdsvd": "kdsvd", "ab": "ce", "ft": "ft", "fsp": "ce"}
-# What a step needs on 100 images: CRD fewer negatives; the init stages are tests/test_two_stage.py's
+# What a step needs on 100 images: CRD fewer negatives; the init stages: tests/test_two_stage.py
 EXTRA = {"crd": ["--nce_k", "64"], "ab": ["--init_epochs", "0"], "ft": ["--init_epochs", "0"],
          "fsp": ["--init_epochs", "0"]}
 

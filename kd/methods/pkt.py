@@ -2,13 +2,15 @@
 Transfer", ECCV 2018; as RepDistiller's distiller_zoo/PKT.py (the authors' code; mdistiller's
 distillers/PKT.py is the same): weight 30000 on CIFAR-100 (`-r 1 -a 0 -b 30000`).
 
-    L = ce_weight * CE(y, p_s) + pkt_weight * mean over i, j of q_ij log((q_ij + eps) / (p_ij + eps))
+    L = ce_weight * CE(y, p_s) + pkt_weight * mean over i, j of
+        q_ij log((q_ij + eps) / (p_ij + eps))
     p_ij = (1 + cos(f_s,i, f_s,j)) / 2, normalised over j;  q_ij the same of the teacher's
 
 f: each model's pooled feature (576-d and 2048-d: the kernel compares images within a model, so
 the dimensions need not match), cos its cosine similarity (each vector divided by its norm +
 eps), eps = 1e-7. The mean runs over the B x B pairs. No connector to train. The reference
-sets NaN entries of the normalised features to 0; here a NaN shows, as a blow-up. Terms: 'ce', 'pkt'.
+sets NaN entries of the normalised features to 0; here a NaN shows, as a blow-up. Terms: 'ce',
+'pkt'.
 """
 import argparse
 import functools
