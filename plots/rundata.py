@@ -51,7 +51,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        """What the run minimised: 'ce', or distill_student.py's --method ('kd' for runs from
+        """What the run minimised: 'ce', or distill_student.py's --method (the default for runs from
         before it), '+logit_std' when it was on."""
         if not self.is_kd:
             return "ce"

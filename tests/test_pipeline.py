@@ -314,7 +314,9 @@ def test_every_feature_method_is_tested():
     assert set(FEATURE_TERMS) == {name for name, m in METHODS.items() if m.connector}
 
 
-@pytest.mark.parametrize("method,term", FEATURE_TERMS.items())
+@pytest.mark.parametrize("method,term", [
+    pytest.param(method, term, marks=[pytest.mark.slow] * (method in ("reviewkd", "ft")))
+    for method, term in FEATURE_TERMS.items()])  # slow: connectors of 28 M and 150 M parameters
 def test_feature_methods_train_a_plain_student(runs, fake_data, tmp_path, method, term,
                                                in_process):
     """One epoch of each feature method: its term logged, its connector in last.pt only beside

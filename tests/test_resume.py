@@ -134,6 +134,7 @@ def test_feature_method_resumes_exactly_after_sigkill(runs_root, fake_data, tmp_
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.slow  # three runs of a few epochs each, in-process
 @pytest.mark.parametrize("method,extra", [("fitnet", []), ("vid", []),
                                           ("cc", ["--cc_weight", "1e-6"])])
 def test_other_trainable_connectors_resume_exactly(runs_root, fake_data, tmp_path, monkeypatch,
