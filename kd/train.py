@@ -78,13 +78,12 @@ class Teacher:
 class InitStage:
     """A method's initialisation stage (RepDistiller's helper/pretrain.py), --init_epochs epochs
     before the first: only parameters(model, connector) train, by an SGD of their own at the
-    fixed lr(args) (--momentum, --weight_decay), on loss(args), called as
+    fixed --init_lr (--momentum, --weight_decay), on loss(args), called as
     (logits, teacher_logits, labels, connect(connector, keys, labels)); the other modules keep
     their weights and, outside training(model, connector), their BatchNorm statistics."""
 
     parameters: Callable[[nn.Module, nn.Module], list[nn.Parameter]]
     loss: Callable[[argparse.Namespace], LossFn]
-    lr: Callable[[argparse.Namespace], float]
     connect: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple]
     training: Callable[[nn.Module, nn.Module], list[nn.Module]]  # in train mode during it
 
@@ -144,7 +143,7 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
     epoch (numbered -1, -2, ...). After each, init_log.csv gets its mean loss and terms, and
     last.pt the stage's progress, so a stopped run resumes inside the stage."""
     stage = teacher.init
-    optimizer = torch.optim.SGD(stage.parameters(model, connector), lr=stage.lr(args),
+    optimizer = torch.optim.SGD(stage.parameters(model, connector), lr=args.init_lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay,
                                 foreach=True)
     init_opt = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1),
@@ -250,6 +249,8 @@ class Record:
         if not self.is_main:
             return
         logger.log(row)
+        self.elapsed_s += time.perf_counter() - self.clock  # last.pt's wall time includes it
+        self.clock = time.perf_counter()
         save_checkpoint(self.path("last.pt"), {**state, "config": self.config, **self.progress(),
                                                "init": self.init})
         print(f"init epoch {row['epoch']}/{self.args.init_epochs}  init_loss "

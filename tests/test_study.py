@@ -132,7 +132,7 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
                "rkd_weight": "3", "rkd_distance": "3", "rkd_angle": "3", "sp_weight": "3",
                "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2",
                "ofd_weight": "3", "kdsvd_weight": "3", "kdsvd_k": "2", "init_epochs": "3",
-               "ab_margin": "2", "ft_weight": "3"}
+               "init_lr": "0.02", "ab_margin": "2", "ft_weight": "3"}
     assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
 
@@ -150,7 +150,8 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
         value = (distill_student.loss_at(args, 2)(*inputs)[0].item(),)
         if entry.init:
             init_inputs = [*inputs[:3], entry.init.connect(connect, keys, labels)]
-            value += (entry.init.loss(args)(*init_inputs)[0].item(), args.init_epochs)
+            value += (entry.init.loss(args)(*init_inputs)[0].item(), args.init_epochs,
+                      args.init_lr)
         return value
 
     for method, reads in METHOD_FLAGS.items():

@@ -13,7 +13,8 @@ larger of each pair pooled to the smaller's size; m: the margin, 1; r_i: a train
 and BatchNorm to the teacher's channels. RepDistiller's connector is a strided conv or deconv
 (ConvReg) that fits its pairs' 2x size ratios; ours are 4x at a 32 px teacher and 56 vs 32 at
 224 px, so the connector is OFD's 1x1 and the maps are pooled. The init stage's SGD runs at
---lr, fixed, as RepDistiller's at its learning rate; the teacher stays frozen. Terms: 'ce'
+--init_lr 0.01, fixed (RepDistiller's learning rate for a MobileNet student, which its
+pretrain.py uses); the teacher stays frozen. Terms: 'ce'
 (init_log.csv: 'init_ab').
 """
 import argparse
@@ -98,6 +99,7 @@ def init_at(args: argparse.Namespace) -> LossFn:
 INIT = InitStage(
     parameters=lambda student, connector: [*connector.parameters(),
                                            *student.features.parameters()],
-    loss=init_at, lr=lambda args: args.lr, connect=lambda connector, keys, labels:
+    loss=init_at, connect=lambda connector, keys, labels:
     connector(keys, labels), training=lambda student, connector: [student.features, connector])
-METHOD = Method(("ce_weight", "init_epochs", "ab_margin"), add_flags, loss_at, connector, INIT)
+METHOD = Method(("ce_weight", "init_epochs", "init_lr", "ab_margin"), add_flags, loss_at,
+                connector, INIT)

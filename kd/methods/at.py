@@ -5,7 +5,8 @@ CIFAR-100 (RepDistiller's `-r 1 -a 0 -b 1000`, mdistiller's engine/cfg.py).
     L = ce_weight * CE(y, p_s) + at_weight * sum over stages of mean((a(F_s) - a(F_t))^2)
     a(F) = normalize(mean over channels of F^p, flattened over the map)   (L2, per image)
 
-F_s, F_t: the stage maps (the four stages' outputs, after their ReLU), the larger of each pair
+F_s, F_t: the stage maps (the teacher's four stages after their ReLU; the student's blocks that
+end each resolution: linear bottlenecks, the last after its hardswish), the larger of each pair
 adaptive-average-pooled to the smaller's size; the mean runs over images and positions. The
 attention map averages over channels, so the student's and teacher's channels need not match
 and there is no connector to train. Terms: 'ce', 'at' (the sum over stages).

@@ -50,6 +50,9 @@ SHARED_FLAGS = {
     "feat_dim": (dict(type=positive_int, default=128), "dimension of both embeddings"),
     "init_epochs": (dict(type=number(int, 0), default=30),
                     "epochs of the initialisation stage before the first (RepDistiller's)"),
+    "init_lr": (dict(type=positive_float, default=0.01),
+                "fixed learning rate of the initialisation stage's SGD (RepDistiller's for a "
+                "MobileNet student)"),
 }
 
 

@@ -13,8 +13,8 @@ teacher's channels; within a pair the larger map is pooled to the smaller's size
 stage of the two models is compared at the smaller of its two sizes. Our pair forces this: the
 reference raises ValueError unless both models have the same channels at every stage, which its
 CIFAR-100 pairs do and ours (16..576 against 256..2048) does not; it also includes the stem's
-output as the first map. The init stage's SGD runs at --lr, fixed, on the student's feature
-layers and the connectors. Terms: 'ce' (init_log.csv: 'init_fsp').
+output as the first map. The init stage's SGD runs at --init_lr 0.01, fixed (RepDistiller's
+for a MobileNet student), on the student's feature layers and the connectors. Terms: 'ce' (init_log.csv: 'init_fsp').
 """
 import argparse
 import functools
@@ -58,7 +58,7 @@ def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    """FSP reads only the shared --ce_weight and --init_epochs."""
+    """FSP reads only the shared --ce_weight, --init_epochs and --init_lr."""
 
 
 def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
@@ -68,7 +68,8 @@ def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
 INIT = InitStage(
     parameters=lambda student, connector: [*connector.parameters(),
                                            *student.features.parameters()],
-    loss=lambda args: init_objective, lr=lambda args: args.lr,
+    loss=lambda args: init_objective,
     connect=lambda connector, keys, labels: connector(keys, labels),
     training=lambda student, connector: [student.features, connector])
-METHOD = Method(("ce_weight", "init_epochs"), add_flags, loss_at, connector, INIT)
+METHOD = Method(("ce_weight", "init_epochs", "init_lr"), add_flags, loss_at, connector,
+                INIT)

@@ -14,8 +14,8 @@ to k x the teacher's channels and back), T: the translator (3x3 convs with Batch
 LeakyReLU, from the student's channels to k x the teacher's). The factor f is RepDistiller's
 (the paper's p1 = 2, p2 = 1). At our teacher's 2048 channels the paraphraser holds 132 M
 parameters and the translator 17 M (RepDistiller's resnet32x4 teacher has 256). The init stage's
-SGD runs at --lr, fixed, as RepDistiller's does for a MobileNet student (0.01 only for its ResNet
-and WRN students, at their base lr 0.05). Terms: 'ce', 'ft' (init_log.csv: 'init_reconstruction').
+SGD runs at --init_lr 0.01, fixed: RepDistiller's pretrain.py takes 0.01 for FT's ResNet and WRN
+students and its learning rate, also 0.01, for a MobileNet student. Terms: 'ce', 'ft' (init_log.csv: 'init_reconstruction').
 """
 import argparse
 import functools
@@ -121,7 +121,8 @@ def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
 INIT = InitStage(
     parameters=lambda student, connector: [*connector.encoder.parameters(),
                                            *connector.decoder.parameters()],
-    loss=lambda args: init_objective, lr=lambda args: args.lr,
+    loss=lambda args: init_objective,
     connect=lambda connector, keys, labels: connector.reconstruct(),
     training=lambda student, connector: [connector.encoder, connector.decoder])
-METHOD = Method(("ce_weight", "init_epochs", "ft_weight"), add_flags, loss_at, connector, INIT)
+METHOD = Method(("ce_weight", "init_epochs", "init_lr", "ft_weight"), add_flags, loss_at,
+                connector, INIT)
