@@ -116,8 +116,11 @@ def later_defaults() -> dict:
 
 def is_distilled(config: dict, log_columns=()) -> bool:
     """Whether the run was made by distill_student.py: its config names a teacher; a folder
-    whose config.json cannot be read is known by the KD term in its log.csv columns."""
-    return "teacher_ckpt" in config or "teacher_sha256" in config or "train_kd" in log_columns
+    whose config.json cannot be read is known by its log.csv columns, where only a distilled
+    run has named terms (train_ce, train_kd, ...: the CE runs log train_loss alone)."""
+    terms = set(c for c in log_columns if c.startswith("train_")) - {
+        "train_loss", "train_top1", "train_img_per_s"}
+    return "teacher_ckpt" in config or "teacher_sha256" in config or bool(terms)
 
 
 def made_by(config: dict) -> str:

@@ -12,7 +12,7 @@ from kd.distributed import World
 from kd.errors import UserError
 from kd.methods import METHOD_FLAGS
 from kd.models import STUDENT_ARCH
-from kd.rundir import experiment_key, later_defaults, resumed_config, run_config
+from kd.rundir import experiment_key, is_distilled, later_defaults, resumed_config, run_config
 from plots.groups import group_runs
 from plots.rundata import load_runs
 
@@ -84,6 +84,15 @@ def test_a_folder_of_another_script_is_named_so(folders):
         resumed_config(configs["online0"], saved_config(jobs["ce0"]), 1)
     assert study.differences(configs["ce0"], jobs["online0"]) == [
         "made by train_student.py, not distill_student.py"]
+
+
+@pytest.mark.parametrize("terms,distilled", [
+    ([], False), (["train_ce"], True), (["train_ce", "train_kd"], True),
+    (["train_ce", "train_hint"], True)])  # a CE run; ab's main stage; kd; fitnet
+def test_a_run_without_its_config_is_known_by_its_terms(terms, distilled):
+    columns = ["epoch", "lr", "train_loss", "train_top1", *terms, "test_top1", "epoch_time_s",
+               "train_img_per_s"]
+    assert is_distilled({}, columns) == distilled
 
 
 def test_later_defaults_are_the_scripts_defaults():
