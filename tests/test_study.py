@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -540,19 +541,26 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
     the local launcher's, word for word but the training times and the folder's path. The same
     command again submits nothing; a run whose job is alive is left alone, by the local launcher
     too; once its job is gone the run is reported failed (tests/test_launch.py: it is then
-    resubmitted)."""
+    resubmitted). Four of the local study's runs are copied in first (seconds of process
+    starts each), so a CE run and a kd run are submitted."""
     out = tmp_path / "study"
     argv = [*tiny_study.argv, "--launcher", "submitit_local"]
     argv[argv.index("--out_dir") + 1] = str(out)
+    copied = ["ce/seed0", "kd-T2/seed0", "kd-T2/seed1", "kd-T4/seed0"]
+    for name in copied:
+        shutil.copytree(tiny_study.out / name, out / name)
     first = run_in_process("study.py", [*argv, "--wait"], monkeypatch, capsys)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count("\nsubmitted ") == 6 and first.stdout.count("\ndone  ") == 6
+    assert "6 jobs: 4 done, 2 to do" in first.stdout, first.stdout
+    assert first.stdout.count("\nsubmitted ") == 2 and first.stdout.count("\ndone  ") == 6
     assert "study complete. Report: " in first.stdout
     ours = report(out, "--out", tmp_path / "report", "--no-cost")
     assert "train time (min)" in ours and "## Study: " in ours
     assert without_train_time(ours.replace(str(out), "STUDY")) == \
         without_train_time(tiny_study.report.replace(str(tiny_study.out), "STUDY"))
-    for job in planned(argv):  # the same experiments: every logged value, timing aside
+    submitted = [job for job in planned(argv) if job.name not in copied]
+    assert [job.name for job in submitted] == ["ce/seed1", "kd-T4/seed1"]
+    for job in submitted:  # the same experiments: every logged value, timing aside
         ran = {}
         for root in (out, tiny_study.out):
             folder = root / Path(job.out_dir).relative_to(out)
@@ -562,7 +570,7 @@ def test_the_tiny_study_through_submitit_reports_as_the_local_one(tiny_study, tm
         assert threads == local_threads == int(launch.threads_per_run(2)), job.name  # --jobs 2
         pd.testing.assert_frame_equal(ours_log, local_log, check_exact=True, obj=job.name)
     jobs = json.loads((out / launch.JOBS_FILE).read_text())["runs"]
-    assert sorted(jobs) == sorted(job.name for job in planned(argv))
+    assert sorted(jobs) == [job.name for job in submitted]
     assert all(Path(entry["folder"], f"{entry['job_id']}_0_log.out").exists()
                for entry in jobs.values())  # the jobs' own logs, below the study folder
     recorded = json.loads((out / "study.json").read_text())["launchers"]
