@@ -4,12 +4,14 @@ written out (float64 values and gradients), FT's connector against its Paraphras
 Translator, and the stage through distill_student.py: what trains in it and what does not, its
 log, and an exact resume from inside it."""
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kd.train
+from helpers import run_in_process
 from kd.methods import ab, fsp, ft
 
 G = lambda seed: torch.Generator().manual_seed(seed)
@@ -127,59 +129,61 @@ def test_fts_init_stage_is_the_paraphraser_alone():
     assert ft.INIT.training(student, connector) == [connector.encoder, connector.decoder]
 
 
-@pytest.mark.parametrize("method,init_epochs", [("ab", 2)])
-def test_the_init_stage_trains_only_its_parameters(method, init_epochs, runs_root, fake_data,
-                                                   tmp_path, monkeypatch, in_process):
-    """AB's stage trains the student's feature layers and the connectors; the teacher never
-    changes, nor the student's classifier. Then the main stage trains."""
-    seen = {}
+def ab_run(runs_root, fake_data, folder, mp, *extra):
+    """distill_student.py --method ab, 2 init epochs and 1 epoch, in this process."""
+    return run_in_process("distill_student.py", [
+        "--out_dir", folder, "--teacher_ckpt", runs_root / "teacher" / "best.pt", "--method",
+        "ab", "--init_epochs", "2", "--data_dir", fake_data, "--no-download", "--epochs", "1",
+        "--batch_size", "50", "--eval_batch_size", "100", "--val_size", "200", *extra], mp)
+
+
+@pytest.fixture(scope="module")
+def ab_reference(runs_root, fake_data, tmp_path_factory):
+    """An AB run never stopped, with the three models' states before and after its init stage."""
+    folder, seen = tmp_path_factory.mktemp("ab") / "reference", {}
     real = kd.train.initialize
 
     def spy(args, teacher, model, connector, *rest):
         seen["before"] = states(model, teacher.module, connector)
         real(args, teacher, model, connector, *rest)
         seen["after"] = states(model, teacher.module, connector)
-    monkeypatch.setattr(kd.train, "initialize", spy)
-    folder = tmp_path / method
-    result = in_process("distill_student.py", [
-        "--out_dir", folder, "--teacher_ckpt", runs_root / "teacher" / "best.pt", "--method",
-        method, "--init_epochs", init_epochs, "--data_dir", fake_data, "--no-download", "--epochs",
-        "1",
-        "--batch_size", "100", "--eval_batch_size", "100", "--val_size", "200"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kd.train, "initialize", spy)
+        result = ab_run(runs_root, fake_data, folder, mp)
     assert result.returncode == 0, result.stderr[-2000:]
-    (student0, teacher0, connector0), (student1, teacher1, connector1) = (seen["before"],
-                                                                          seen["after"])
+    return SimpleNamespace(folder=folder, result=result, **seen)
+
+
+def test_the_init_stage_trains_only_its_parameters(ab_reference):
+    """AB's stage trains the student's feature layers and the connectors; the teacher never
+    changes, nor the student's classifier. Then the main stage trains."""
+    (student0, teacher0, connector0), (student1, teacher1, connector1) = (ab_reference.before,
+                                                                          ab_reference.after)
     assert all(torch.equal(teacher0[k], teacher1[k]) for k in teacher0)
     assert all(torch.equal(student0[k], student1[k]) for k in student0
                if k.startswith("classifier"))
     moved = lambda before, after, prefix: {k for k in before if k.startswith(prefix)
                                            and not torch.equal(before[k], after[k])}
     assert moved(student0, student1, "features.") and moved(connector0, connector1, "")
-    rows = list(csv.DictReader(open(folder / "init_log.csv")))
-    assert [int(r["epoch"]) for r in rows] == list(range(1, init_epochs + 1))
+    rows = list(csv.DictReader(open(ab_reference.folder / "init_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert float(rows[0]["init_loss"]) > 0
     assert "init_ab" in rows[0]
-    assert len(list(csv.DictReader(open(folder / "log.csv")))) == 1
-    assert f"init epoch {init_epochs}/{init_epochs}" in result.stdout
+    assert len(list(csv.DictReader(open(ab_reference.folder / "log.csv")))) == 1
+    assert "init epoch 2/2" in ab_reference.result.stdout
 
 
-def test_a_run_stopped_inside_the_init_stage_resumes_exactly(runs_root, fake_data, tmp_path,
-                                                             monkeypatch, in_process):
+@pytest.mark.slow  # two runs in-process
+def test_a_run_stopped_inside_the_init_stage_resumes_exactly(ab_reference, runs_root, fake_data,
+                                                             tmp_path, monkeypatch):
     """Stopped after init epoch 1 of 2, then resumed: the same init_log.csv, log.csv, student
     and connector as the run that was never stopped."""
-    def run(folder, *extra):
-        return in_process("distill_student.py", [
-            "--out_dir", folder, "--teacher_ckpt", runs_root / "teacher" / "best.pt",
-            "--method", "ab", "--init_epochs", "2", "--data_dir", fake_data, "--no-download",
-            "--epochs", "1", "--batch_size", "50", "--eval_batch_size", "100", "--val_size",
-            "200", *extra])
-    reference, folder = tmp_path / "reference", tmp_path / "run"
-    assert run(reference).returncode == 0
+    reference, folder = ab_reference.folder, tmp_path / "run"
     with monkeypatch.context() as mp:  # a stop signal, as seen once init epoch 1 is saved
         mp.setattr(kd.train, "stop_requested", lambda: (folder / "last.pt").exists())
-        stopped = run(folder)
+        stopped = ab_run(runs_root, fake_data, folder, mp)
     assert stopped.returncode != 0 and "last.pt holds init epoch 1" in stopped.stderr
-    assert run(folder, "--resume").returncode == 0
+    assert ab_run(runs_root, fake_data, folder, monkeypatch, "--resume").returncode == 0
     for name in ("init_log.csv", "log.csv"):
         drop = {"epoch_time_s", "train_img_per_s"}
         ours, theirs = ([{k: v for k, v in r.items() if k not in drop}
