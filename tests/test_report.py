@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import matplotlib.figure
 import matplotlib.image
 import numpy as np
 import pytest
@@ -20,6 +21,21 @@ from plots.dark_knowledge import superclass_mass
 from plots.groups import group_label
 from plots.plot_runs import main
 from plots.rundata import find_run_folders, run_labels
+
+@pytest.fixture(autouse=True)
+def unrendered(request, monkeypatch):
+    """Most tests here read results.md and the warnings: their figures are built (every plotting
+    call runs) and saved as empty files, not rendered (about a second a report). The tests that
+    read the PNGs, and those of non-finite and blown-up values, ask for `rendered`."""
+    if "rendered" not in request.fixturenames:
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                            lambda fig, path, **kwargs: Path(path).write_bytes(b""))
+
+
+@pytest.fixture
+def rendered():
+    """The figures rendered as the report renders them (see `unrendered`)."""
+
 
 @pytest.fixture
 def experiment(tmp_path: Path) -> Path:
@@ -75,7 +91,7 @@ def test_results_table_groups_seeds(experiment: Path, tmp_path: Path, capsys):
     assert captured.err.splitlines() == [f"warning: {line}" for line in left_out(text)]
 
 
-def test_figures_are_valid_pngs(experiment: Path, tmp_path: Path):
+def test_figures_are_valid_pngs(experiment: Path, tmp_path: Path, rendered):
     out = tmp_path / "out"
     text = report(experiment, "--out", out, "--no-cost")
     names = ["test_top1.png", "train_top1.png", "train_ce.png", "train_objective.png", "lr.png",
@@ -269,8 +285,8 @@ NOT_FINITE = {"some rows NaN": (slice(0, 5), float("nan")),
 
 
 @pytest.mark.parametrize("rows, value", NOT_FINITE.values(), ids=NOT_FINITE.keys())
-def test_non_finite_logits(experiment: Path, tmp_path: Path, capsys, monkeypatch, rows: slice,
-                           value: float):
+def test_non_finite_logits(experiment: Path, tmp_path: Path, capsys, monkeypatch, rendered,
+                           rows: slice, value: float):
     for run in ("teacher", "kd/seed1"):
         path = experiment / run / "logits_best.pt"
         blob = torch.load(path, weights_only=True)
@@ -464,7 +480,7 @@ def test_summary_older_than_the_log_is_not_used(tmp_path: Path, capsys):
     assert "summary.json is of epoch 2, log.csv goes on to epoch 3" in capsys.readouterr().err
 
 
-def test_blown_up_runs_and_a_table_at_chance_are_named(tmp_path: Path, capsys):
+def test_blown_up_runs_and_a_table_at_chance_are_named(tmp_path: Path, capsys, rendered):
     runs = tmp_path / "runs"
     write_run(runs / "blown", STUDENT, [10.0, 1.0, 1.0])
     set_log_column(runs / "blown", "test_loss", [4.0, 3.3e13, float("inf")])
