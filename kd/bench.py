@@ -7,10 +7,11 @@
            or its logits from a kd.cache.TeacherCache) on a batch already on the device, and, for
            the students, the same steps fed by the DeviceLoader: "input cost" is how much longer a
            step takes with the loader
-  eval     kd.train.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
+  eval     kd.inference.predict and kd.metrics.split_metrics over an eval-mode DeviceLoader
 
-The defaults are what training runs: distill_student.py's defaults (batch size, SGD, --method
-kd with its alpha and T, through its own loss_at), kd.train's memory format (channels_last) and
+The defaults are what training runs: distill_student.py's settings, built from the package
+(kd.flags.STUDENT_RECIPE's batch size and SGD, the default --method with its flags' defaults,
+each method's loss_at from the registry), kd.inference's memory format (channels_last) and
 cuDNN autotuning, the scripts' default autocast (bf16 on CUDA, float32 on CPU); eager, and on CUDA
 also compiled, to show what --compile gains. A grid of variants, dtype (fp16 with a GradScaler)
 x channels_last x torch.compile, is asked for with --dtypes, --channels_last both. Images are
@@ -27,36 +28,30 @@ perf_counter on the CPU; each number is the median of --repeats blocks after unt
 import argparse
 import itertools
 import os
-import runpy
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-from PIL import Image
-from torchvision import transforms
 
 from kd.checkpoint import write_json
-from kd.cache import TeacherCache, build as build_cache, precision_name
-from kd.data import CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DeviceLoader, Split
-from kd.distributed import World, resolve_device
+from kd.cache import TeacherCache
+from kd.bench_stages import bench_cache_build, bench_data, print_data, random_split
+from kd.data import NUM_VIEWS, DeviceLoader, Split
+from kd.distributed import resolve_device
 from kd.errors import UserError, run_script
-from kd.flags import Parser, add_device_flag, positive_int
+from kd.flags import STUDENT_RECIPE, Parser, add_device_flag, base_parser, positive_int
+from kd.inference import MEMORY_FORMAT, make_autocast, predict
 from kd.losses import ce_loss
-from kd.methods import DEFAULT, METHODS
+from kd.methods import DEFAULT, METHODS, add_flags as add_method_flags
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import NUM_CLASSES, build_student, build_teacher
+from kd.optim import make_optimization
 from kd.timing import device_name, measure
-from kd.train import (CUDNN_BENCHMARK, MEMORY_FORMAT, Step, make_autocast, make_optimization,
-                      predict, train_step)
+from kd.train import CUDNN_BENCHMARK, Step, train_step
 
 DTYPES = ["bf16", "fp16", "fp32"]
 TRAIN_IMAGES = 50_000  # in CIFAR-100's training set
-# distill_student.py's parser and loss_at: the settings and the losses the bench trains with
-DISTILL = runpy.run_path(str(Path(__file__).resolve().parents[1] / "distill_student.py"),
-                         run_name="distill_student")
-
 
 @dataclass(frozen=True)
 class Config:
@@ -145,12 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"kd_t32; on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
     p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
                    help="autocast dtypes, comma-separated (default: bf16 on CUDA, fp32 on CPU, "
-                        "the only one kd.train.make_autocast gives there: the scripts' defaults)")
+                        "the only one kd.inference.make_autocast gives there: the scripts' defaults)")
     p.add_argument("--compile", choices=["off", "on", "both"],
                    help="torch.compile variants (default on CUDA: both, to show what --compile "
                         "gains; on CPU: off, as the scripts without --compile)")
     p.add_argument("--channels_last", choices=["off", "on", "both"], default="on",
-                   help="model and input memory format (default: on, kd.train.MEMORY_FORMAT)")
+                   help="model and input memory format (default: on, kd.inference.MEMORY_FORMAT)")
     p.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction,
                    default=CUDNN_BENCHMARK, help="torch.backends.cudnn.benchmark "
                    "(default: kd.train.CUDNN_BENCHMARK, as training sets it)")
@@ -162,7 +157,7 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     --quick."""
     quick, small_cpu = args.quick, args.quick and not cuda
     defaults = {
-        "batch_size": DISTILL["build_parser"]().get_default("batch_size"),
+        "batch_size": STUDENT_RECIPE["batch_size"],
         "eval_batch_size": 256 if small_cpu else 1000,
         "images": 4_096 if quick else 50_000 if cuda else 10_000,
         "steps": 1 if quick else 20 if cuda else 5,
@@ -178,7 +173,7 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     if args.images < args.batch_size:
         raise UserError(f"--images {args.images} is fewer than one --batch_size {args.batch_size}")
     if not cuda and args.dtypes != ["fp32"]:
-        raise UserError("on CPU only --dtypes fp32 applies: kd.train.make_autocast autocasts on "
+        raise UserError("on CPU only --dtypes fp32 applies: kd.inference.make_autocast autocasts on "
                         "CUDA only")
 
 
@@ -187,60 +182,6 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     both = {"off": [False], "on": [True], "both": [False, True]}
     return [Variant(dtype, cl, comp) for comp in both[args.compile] for dtype in args.dtypes
             for cl in reversed(both[args.channels_last])]
-
-
-def random_split(n: int, seed: int = 0) -> Split:
-    """n random uint8 images with random fine labels, on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 100, (n,), generator=g)
-    return Split(images, labels, labels // 5, [f"class_{i}" for i in range(100)])
-
-
-class PILDataset(torch.utils.data.Dataset):
-    """The usual torchvision CIFAR pipeline: each item becomes a PIL image, then is transformed."""
-
-    def __init__(self, split: Split):
-        # HWC, as torchvision's CIFAR100
-        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()
-        self.labels = split.labels.tolist()
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
-def bench_data(split: Split, loader: DeviceLoader, args: argparse.Namespace,
-               device: torch.device) -> dict:
-    """One augmented epoch through each pipeline, ending with the batch on the device.
-
-    The reference keeps its workers between epochs (persistent_workers) and warms up for one
-    epoch, so worker start-up is not counted against it; they stop when this returns.
-    """
-    def device_epoch() -> None:
-        for _ in loader:
-            pass
-
-    workers = os.cpu_count() or 1
-    reference = torch.utils.data.DataLoader(
-        PILDataset(split), batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
-
-    def reference_epoch(batches: torch.utils.data.DataLoader) -> None:
-        for images, labels in batches:
-            images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    epoch_images = len(loader) * args.batch_size
-    ours = epoch_images / measure(device_epoch, repeats=args.repeats, device=device).seconds
-    theirs = epoch_images / measure(lambda: reference_epoch(reference), repeats=args.repeats,
-                                    device=device).seconds
-    return {"images": len(split), "batch_size": args.batch_size, "device_loader_img_per_s": ours,
-            "torchvision_img_per_s": theirs, "torchvision_workers": workers, "ratio": ours / theirs}
 
 
 def build(config: Config, variant: Variant, device: torch.device
@@ -274,13 +215,12 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     """Training steps on one pre-made batch and, for the students, fed by the DeviceLoader."""
     model, teacher = build(config, variant, device)
     model.train()
-    train_args = DISTILL["build_parser"]().parse_args(  # the script's SGD and KD settings
-        ["--warmup_epochs", "0", "--batch_size", str(args.batch_size), "--method", config.method])
+    train_args = training_args(config.method, args.batch_size)
     train_args.amp, train_args.amp_dtype = variant.dtype != "fp32", variant.dtype
     connector = feature_connector(config, train_args, model, teacher, loader.split)
     trained = nn.ModuleList([model, connector]) if connector else model
     opt = make_optimization(train_args, trained, 10**6, device)
-    loss_fn = DISTILL["loss_at"](train_args, 1) if config.kd else ce_loss
+    loss_fn = METHODS[config.method].loss_at(train_args, 1) if config.kd else ce_loss
     if variant.compile:  # as kd.train.fit compiles
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)
         teacher = torch.compile(teacher) if teacher is not None else None
@@ -312,6 +252,15 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
         row["loader_img_per_s"] = args.batch_size / fed.seconds
         row["input_cost_pct"] = 100 * (fed.seconds / timing.seconds - 1)
     return row
+
+
+def training_args(method: str, batch_size: int) -> argparse.Namespace:
+    """The settings distill_student.py trains with (kd.flags' SGD and schedule at the students'
+    STUDENT_RECIPE, the method flags at their defaults), at this batch size, without warm-up."""
+    p = base_parser("", out_dir="", **STUDENT_RECIPE)
+    add_method_flags(p)
+    return p.parse_args(["--warmup_epochs", "0", "--batch_size", str(batch_size), "--method",
+                         method])
 
 
 def feature_connector(config: Config, train_args: argparse.Namespace, model: nn.Module,
@@ -377,14 +326,6 @@ def print_header(report: dict, args: argparse.Namespace, device: torch.device) -
           f"{args.channels_last}, cudnn.benchmark {args.cudnn_benchmark}", flush=True)
 
 
-def print_data(data: dict) -> None:
-    print(f"\ndata: one augmented epoch of {data['images']:,} images, batch {data['batch_size']}")
-    print(f"  {'kd.data.DeviceLoader':<44} {data['device_loader_img_per_s']:>12,.0f} img/s")
-    name = f"torchvision DataLoader, PIL, {data['torchvision_workers']} workers"
-    print(f"  {name:<44} {data['torchvision_img_per_s']:>12,.0f} img/s")
-    print(f"  {'ratio':<44} {data['ratio']:>12,.1f} x", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -444,21 +385,6 @@ def print_ratios(report: dict) -> None:
                     if feature else ""
                 print(f"{name} / {base} ({'/'.join(map(str, variant))}): "
                       f"{row[f'vs_{base}']:.2f}x its img/s{extra}", flush=True)
-
-
-def bench_cache_build(split: Split, args: argparse.Namespace, device: torch.device) -> dict:
-    """Views/s of kd.cache.build: the teacher on every view of a few images, in the first dtype."""
-    img_size = 224 if device.type == "cuda" else 32
-    teacher = build_teacher(img_size).to(device, memory_format=MEMORY_FORMAT).eval()
-    n = 128 if device.type == "cuda" and not args.quick else 4
-    images = Split(split.images[:n], split.labels[:n], split.coarse_labels[:n],
-                   split.classes).to(device)
-    dtype = args.dtypes[0]
-    autocast = make_autocast(device, amp=dtype != "fp32", amp_dtype=dtype)
-    timing = measure(lambda: build_cache(teacher, images, autocast, World(), show_progress=False),
-                     repeats=args.repeats, device=device)
-    return {"img_size": img_size, "precision": precision_name(autocast), "images": n,
-            "views_per_s": n * NUM_VIEWS / timing.seconds}
 
 
 if __name__ == "__main__":

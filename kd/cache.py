@@ -29,7 +29,7 @@ from kd.distributed import World, gather_rows, init_world, local_main_first, sha
 from kd.errors import StopRequested, UserError, run_script, stop_requested
 from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags
 from kd.models import NUM_CLASSES, load_teacher
-from kd.train import MEMORY_FORMAT, make_autocast
+from kd.inference import MEMORY_FORMAT, make_autocast
 
 FORMAT = 1
 FP16_MAX = torch.finfo(torch.float16).max

@@ -18,7 +18,7 @@ from kd.errors import run_script
 from kd.flags import Parser, add_data_flags, add_device_flag, add_precision_flags, positive_int
 from kd.metrics import split_metrics, superclass_map
 from kd.models import load_model
-from kd.train import MEMORY_FORMAT, make_autocast, predict
+from kd.inference import MEMORY_FORMAT, make_autocast, predict
 
 
 def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device) -> dict:

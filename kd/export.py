@@ -54,7 +54,7 @@ from kd.metrics import BLOWN_UP_FACTOR, blown_up
 from kd.models import load_model, model_name, plain_heads
 from kd.rundir import EXPORT_DIR, VALIDATION_FILE
 from kd.timing import cpu_name, measure, physical_cores
-from kd.train import predict
+from kd.inference import predict
 
 OPSET = 18
 # The fp32 export's bound on |ONNX - PyTorch| per image: ATOL + RTOL x its largest |logit|. Float32

@@ -1,13 +1,13 @@
 """The training run the three scripts share, in the order it runs: fit (the whole run),
-train_one_epoch, train_step, then evaluation. Data, models, losses, metrics, the run folder and
-torchrun each live in the kd module named after them.
+train_one_epoch, train_step, then evaluation. Data, models, losses, metrics, the optimizer
+(kd.optim), the run folder (kd.rundir, kd.record), inference and torchrun each live in the kd
+module named after them.
 
 No host-device synchronisation per step: losses and accuracies are summed on the device and read
 once per epoch, and every `refresh_every` steps for the progress bar and the NaN check.
 """
 import argparse
 import contextlib
-import functools
 import math
 import os
 import time
@@ -18,21 +18,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from kd.checkpoint import load_checkpoint, save_checkpoint, write_json
+from kd.checkpoint import load_checkpoint
 from kd.data import DeviceLoader, derive_seed, hold_out, load_split
 from kd.distributed import (World, agreed_stop, average_across_ranks, broadcast_buffers,
-                            check_in_sync, gather_rows, init_world, local_main_first,
-                            max_across_ranks, wrap_ddp)
-from kd.errors import StopRequested, UserError, say, stop_requested
+                            check_in_sync, init_world, local_main_first, max_across_ranks,
+                            wrap_ddp)
+from kd.errors import StopRequested, UserError, stop_requested
+from kd.inference import MEMORY_FORMAT, predict_splits
 from kd.logger import CSVLogger
+from kd.record import Record, logits_record
 from kd.losses import LossFn
-from kd.metrics import BLOWN_UP_FACTOR, blown_up, split_metrics, superclass_map
-from kd.models import NUM_CLASSES
-from kd.rundir import check_out_dir, reset_out_dir, resumed_config, run_config, stopped_message
+from kd.metrics import split_metrics, superclass_map
+from kd.optim import Optimization, make_optimization
+from kd.rundir import check_out_dir, resumed_config, run_config, stopped_message
 
 # Training settings that are not flags; kd.bench measures with the same ones.
-MEMORY_FORMAT = torch.channels_last  # the loader's layout; cuDNN's fast depthwise convs need it
-TIMING_COLUMNS = ("epoch_time_s", "train_img_per_s")  # log.csv's last: wall-clock time
 CUDNN_BENCHMARK = True  # static shapes: the fastest kernels are searched for once
 # The teacher's logits of a training batch from (images, view keys): the live teacher's forward,
 # or a kd.cache.TeacherCache lookup (distill_student.py picks)
@@ -108,7 +108,7 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     record = restore(args, start, model_without_ddp, connector, opt, run_info)
     if record.epoch >= args.epochs:
         record.say(f"{args.out_dir}: the run is already complete at epoch {record.epoch}")
-        return record.finish()
+        return record.finished()
     teacher_logits = evaluate_teacher(teacher, eval_loaders, opt.autocast, world, record)
     record.begin()
     eval_model = model_without_ddp
@@ -137,7 +137,7 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
 
 
 def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, connector: nn.Module,
-               opt: "Optimization", loader: DeviceLoader, record: "Record",
+               opt: Optimization, loader: DeviceLoader, record: Record,
                should_stop: Callable[[], bool]) -> None:
     """Run the rest of teacher.init's epochs (InitStage), each with the data order of its own
     epoch (numbered -1, -2, ...). After each, init_log.csv gets its mean loss and terms, and
@@ -179,99 +179,8 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
         record.save_init(row, training_state(model, connector, opt), logger)
 
 
-class Record:
-    """The run folder as the run writes it (config.json, log.csv, the checkpoints, summary.json;
-    rank 0 only) and the progress last.pt holds: epochs done, the best and the last epoch's
-    metrics, the wall time so far (training, evaluation and checkpoint writes)."""
-
-    def __init__(self, args: argparse.Namespace, config: dict, is_main: bool):
-        self.args, self.config, self.is_main = args, config, is_main
-        self.select = "val_top1" if args.val_size else "test_top1"  # what picks best.pt
-        self.epoch, self.best, self.last, self.elapsed_s = 0, {self.select: -1.0}, {}, 0.0
-        self.blown_up: list[int] = []  # epochs whose test predictions blew up (kd.metrics)
-        self.saved_epoch = 0  # the epoch last.pt holds
-        self.init: dict = {}  # the init stage's progress: its epoch and optimizer (InitStage)
-        self.logger, self.clock = None, None  # the clock runs from begin()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.args.out_dir, name)
-
-    def say(self, line: str) -> None:
-        if self.is_main:
-            print(line, flush=True)
-
-    def begin(self) -> None:
-        """Make the folder ready (rank 0): the old run's files gone with --overwrite, config.json
-        written, log.csv kept up to the saved epoch."""
-        self.clock = time.perf_counter()
-        if self.is_main:
-            reset_out_dir(self.args)
-            write_json(self.path("config.json"), self.config)
-            self.logger = CSVLogger(self.path("log.csv"), keep_epochs=self.epoch)
-
-    def end_epoch(self, row: dict, state: dict, logits_blob: dict | None) -> None:
-        """Log the epoch's row (training stats, then the evaluation columns test_*, val_*) and
-        write its checkpoints: best.pt and logits_best.pt when it is the best yet, last.pt and
-        logits_last.pt every --save_every epochs and at the end."""
-        row = {**{k: v for k, v in row.items() if k not in TIMING_COLUMNS},
-               **{k: row[k] for k in TIMING_COLUMNS}}
-        metrics = {k: v for k, v in row.items() if k.startswith(("test_", "val_"))}
-        self.epoch, self.last = row["epoch"], {"epoch": row["epoch"], **metrics}
-        self.elapsed_s += time.perf_counter() - self.clock  # with the last epoch's writes
-        self.clock = time.perf_counter()
-        is_best = row[self.select] > self.best[self.select]
-        if is_best:
-            self.best = self.last
-        save_last = self.epoch % self.args.save_every == 0 or self.epoch == self.args.epochs
-        self.saved_epoch = self.epoch if save_last else self.saved_epoch
-        if blown_up(row["test_loss"]):
-            self.blown_up.append(self.epoch)
-            say(f"warning: epoch {self.epoch}: the test NLL is {row['test_loss']:.3g}, over "
-                f"{BLOWN_UP_FACTOR}x a uniform prediction's: the run has blown up (a lower --lr "
-                f"or a longer --warmup_epochs may help)")
-        if not self.is_main:
-            return
-        self.logger.log(row)
-        ckpt = {**state, "config": self.config, **self.progress()}
-        # best before last: a crash in between redoes this epoch on resume and rewrites both;
-        # a feature method's connector is needed to resume only, so last.pt alone holds it
-        best = {k: v for k, v in ckpt.items() if k != "connector"}
-        for suffix, state in (("best", best),) * is_best + (("last", ckpt),) * save_last:
-            save_checkpoint(self.path(f"logits_{suffix}.pt"), logits_blob)
-            save_checkpoint(self.path(f"{suffix}.pt"), state)
-        val = f"val_top1 {row['val_top1']:.2f}  " if self.args.val_size else ""
-        print(f"epoch {self.epoch}/{self.args.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"{val}test_top1 {row['test_top1']:.2f}  {row['train_img_per_s']:.0f} img/s",
-              flush=True)
-
-    def save_init(self, row: dict, state: dict, logger: CSVLogger | None) -> None:
-        """An init epoch's row in init_log.csv and last.pt (rank 0)."""
-        if not self.is_main:
-            return
-        logger.log(row)
-        self.elapsed_s += time.perf_counter() - self.clock  # last.pt's wall time includes it
-        self.clock = time.perf_counter()
-        save_checkpoint(self.path("last.pt"), {**state, "config": self.config, **self.progress(),
-                                               "init": self.init})
-        print(f"init epoch {row['epoch']}/{self.args.init_epochs}  init_loss "
-              f"{row['init_loss']:.4f}", flush=True)
-
-    def progress(self) -> dict:
-        return {"epoch": self.epoch, "best": self.best, "last": self.last,
-                "elapsed_s": self.elapsed_s, "blown_up": self.blown_up}
-
-    def finish(self) -> dict:
-        """summary.json (rank 0) with the last checkpoint writes timed (when the run trained);
-        the summary, or on other ranks the progress."""
-        if self.clock is not None:
-            self.elapsed_s += time.perf_counter() - self.clock
-        if not self.is_main:
-            return self.progress()
-        return write_summary(self.path("summary.json"), self.progress(), self.select, self.config)
-
-
 def training_state(model_without_ddp: nn.Module, connector: nn.Module | None,
-                   opt: "Optimization") -> dict:
+                   opt: Optimization) -> dict:
     """What last.pt holds to continue training: the student's (or teacher's) weights as a plain
     model ('model', what every loader of best.pt reads), the optimizer's state, and a feature
     method's connector ('connector')."""
@@ -282,7 +191,7 @@ def training_state(model_without_ddp: nn.Module, connector: nn.Module | None,
 
 
 def restore(args: argparse.Namespace, start: Start, model_without_ddp: nn.Module,
-            connector: nn.Module | None, opt: "Optimization", run_info: dict) -> Record:
+            connector: nn.Module | None, opt: Optimization, run_info: dict) -> Record:
     """A new run's record, or on --resume last.pt's, with its weights, connector and optimizer
     state loaded once the settings agree (kd.rundir.resumed_config)."""
     record = Record(args, run_config(args, start.device, run_info, start.world),
@@ -341,7 +250,7 @@ class Step:
     model: nn.Module
     teacher_logits: TeacherLogits | None
     loss_fn: LossFn
-    opt: "Optimization"
+    opt: Optimization
     connector: nn.Module | None = None
 
 
@@ -415,67 +324,6 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: tor
     return loss, logits, terms
 
 
-@dataclass
-class Optimization:
-    """What turns a loss into an update, travelling together: SGD, its per-step learning-rate
-    schedule, the gradient scaler (active only with fp16 autocast) and the autocast context."""
-
-    optimizer: torch.optim.SGD
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    autocast: Callable[[], contextlib.AbstractContextManager]
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the run was saved without fp16 scaling
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def make_optimization(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int,
-                      device: torch.device) -> Optimization:
-    """SGD with momentum, linear warmup then cosine decay to 0 stepped every iteration, autocast
-    and loss scaling as --amp and --amp_dtype say.
-
-    The fused SGD kernel runs on CUDA only without the fp16 gradient scaler: when the scaler skips
-    the first step (an overflow at its initial scale), fused SGD leaves its momentum buffers
-    uninitialised (empty_like) and the next step reads that memory as momentum.
-    """
-    fp16 = device.type == "cuda" and args.amp and args.amp_dtype == "fp16"
-    fused = device.type == "cuda" and not fp16
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, fused=fused,
-                                foreach=None if fused else True)
-    warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total))
-    return Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16),
-                        make_autocast(device, amp=args.amp, amp_dtype=args.amp_dtype))
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: linear from 1/warmup_steps to 1 over the warmup, then cosine down to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_autocast(device: torch.device, *, amp: bool, amp_dtype: str
-                  ) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts: bf16/fp16 on CUDA with amp, a no-op otherwise."""
-    if device.type != "cuda" or not amp:
-        return contextlib.nullcontext
-    if amp_dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support; pass --amp_dtype fp16 or --no-amp")
-    dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
-    return functools.partial(torch.autocast, "cuda", dtype=dtype)
-
-
 def load_data(args: argparse.Namespace, device: torch.device, world: World
               ) -> tuple[DeviceLoader, dict[str, DeviceLoader], torch.Tensor]:
     """The train loader, the evaluation loaders {'test', 'val' (with --val_size)} and the map
@@ -497,31 +345,6 @@ def load_data(args: argparse.Namespace, device: torch.device, world: World
     return train_loader, eval_loaders, class_to_coarse
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, loader: DeviceLoader, autocast) -> torch.Tensor:
-    """float32 logits [N, classes], on the device, for every image of the loader's shard in order.
-
-    The last, smaller batch is zero-padded to the full batch size so that a compiled model
-    sees one static shape; the padded rows are dropped.
-    """
-    model.eval()
-    chunks = []
-    for images, labels, _ in loader:
-        if len(images) < loader.batch_size:
-            padding = images.new_zeros((loader.batch_size - len(images), *images.shape[1:]))
-            images = torch.cat([images, padding]).contiguous(memory_format=MEMORY_FORMAT)
-        with autocast():
-            chunks.append(model(images)[:len(labels)].float())
-    return torch.cat(chunks) if chunks else torch.zeros(0, NUM_CLASSES, device=loader.device)
-
-
-def predict_splits(model: nn.Module, loaders: dict[str, DeviceLoader], autocast, world: World
-                   ) -> dict[str, torch.Tensor]:
-    """Logits of every evaluation split; under torchrun each rank predicts a shard, all gather."""
-    return {name: gather_rows(predict(model, loader, autocast), len(loader.split), world)
-            for name, loader in loaders.items()}
-
-
 def eval_metrics(logits: dict[str, torch.Tensor], loaders: dict[str, DeviceLoader],
                class_to_coarse: torch.Tensor, teacher_logits: dict[str, torch.Tensor]) -> dict:
     """The metrics of every evaluation split, as log columns 'test_top1', 'val_ece', ..."""
@@ -532,30 +355,3 @@ def eval_metrics(logits: dict[str, torch.Tensor], loaders: dict[str, DeviceLoade
                                 teacher_logits.get(name))
         row.update({f"{name}_{k}": v for k, v in metrics.items()})
     return row
-
-
-def logits_record(logits: dict, loaders: dict, epoch: int, teacher_logits: dict) -> dict:
-    """Evaluation logits (float32, CPU: they reproduce the logged metrics) with the labels, so
-    any metric can be recomputed later without a GPU."""
-    blob = {"epoch": epoch}
-    for name, loader in loaders.items():
-        blob[name] = {"logits": logits[name].cpu(), "labels": loader.split.labels.cpu(),
-                      "coarse_labels": loader.split.coarse_labels.cpu()}
-        if name in teacher_logits:
-            blob[name]["teacher_logits"] = teacher_logits[name].cpu()
-    return blob
-
-
-def write_summary(path: str, state: dict, select: str, config: dict) -> dict:
-    best, last = state["best"], state["last"]
-    teacher = {k: config[k] for k in ("teacher_logits", "teacher_cache_sha256") if k in config}
-    blown = state.get("blown_up", [])
-    status = "blown up" if state["epoch"] in blown else "done"
-    summary = {"status": status, "blown_up_epochs": blown, "selected_by": select, **teacher,
-               "best_epoch": best["epoch"],
-               "best_test_top1": best["test_top1"], "best_test_top5": best["test_top5"],
-               "last_test_top1": last["test_top1"], "last_test_top5": last["test_top5"],
-               "epochs": state["epoch"], "total_time_s": state["elapsed_s"],
-               "best": best, "last": last}
-    write_json(path, summary)
-    return summary

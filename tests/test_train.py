@@ -14,8 +14,10 @@ from kd.losses import ce_loss
 from kd.methods import fitnet
 from kd.methods.kd import kd_loss
 from kd.models import build_student, build_teacher
-from kd.train import (Record, Step, make_optimization, predict, train_one_epoch, train_step,
-                      warmup_cosine)
+from kd.inference import predict
+from kd.record import Record
+from kd.optim import make_optimization, warmup_cosine
+from kd.train import Step, train_one_epoch, train_step
 
 CPU = torch.device("cpu")
 
