@@ -14,12 +14,13 @@ from kd.checkpoint import file_sha256
 from kd.data import hold_out, load_split
 from kd.distributed import World
 from kd.errors import UserError, run_script
-from kd.flags import add_student_flags, base_parser
+from kd.flags import NO_CACHE, STUDENT_RECIPE, add_student_flags, base_parser, cache_file
+from kd.inference import MEMORY_FORMAT
 from kd.losses import LossFn
 from kd.methods import METHODS, add_flags as add_method_flags, readers, summary
 from kd.models import STUDENT_ARCH, build_student, load_teacher
 from kd.rundir import resumed_config
-from kd.train import MEMORY_FORMAT, Teacher, fit, prepare_run
+from kd.train import Teacher, fit, prepare_run
 
 __doc__ = __doc__.format(methods="".join(f"  {name:9s} {summary(name)}\n" for name in METHODS))
 
@@ -30,14 +31,15 @@ def loss_at(args: argparse.Namespace, epoch: int) -> LossFn:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__, out_dir="runs/student_kd", epochs=120, batch_size=256, lr=0.2)
+    p = base_parser(__doc__, out_dir="runs/student_kd", **STUDENT_RECIPE)
     add_student_flags(p)
     p.add_argument("--teacher_ckpt", default="runs/teacher_resnet50/best.pt",
                    help="checkpoint written by train_teacher.py; its --img_size is reused")
-    p.add_argument("--teacher_cache", default=None,
+    p.add_argument("--teacher_cache", type=cache_file, default=None,
                    help="the teacher's logits of every training view (kd.cache): used when the "
                         "file exists (after checks), built there first when it does not; then no "
-                        "teacher forward runs in training. None: the teacher runs online")
+                        f"teacher forward runs in training. Default, or {NO_CACHE}: the teacher "
+                        "runs online")
     add_method_flags(p)
     return p
 

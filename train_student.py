@@ -2,14 +2,14 @@
 import argparse
 
 from kd.errors import run_script
-from kd.flags import add_student_flags, base_parser
+from kd.flags import STUDENT_RECIPE, add_student_flags, base_parser
 from kd.losses import ce_loss
 from kd.models import STUDENT_ARCH, build_student
 from kd.train import LossFn, fit, prepare_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__, out_dir="runs/student_baseline", epochs=120, batch_size=256, lr=0.2)
+    p = base_parser(__doc__, out_dir="runs/student_baseline", **STUDENT_RECIPE)
     add_student_flags(p)
     return p
 

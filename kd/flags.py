@@ -63,6 +63,20 @@ def held_out_images(text: str) -> int:
 held_out_images.__name__ = "int"
 
 
+NO_CACHE = "none"  # --teacher_cache's one spelling of "no cache: the teacher runs online"
+
+
+def cache_file(text: str) -> str | None:
+    """--teacher_cache of distill_student.py: a file, or None for NO_CACHE (as study.py reads it),
+    so that no cache file is ever named 'none'."""
+    return None if text == NO_CACHE else text
+
+
+# train_student.py's and distill_student.py's schedule defaults: the CE baseline and every
+# distilled run train alike (kd.bench measures at them too)
+STUDENT_RECIPE = {"epochs": 120, "batch_size": 256, "lr": 0.2}
+
+
 def base_parser(description: str, *, out_dir: str, epochs: int, batch_size: int, lr: float
                 ) -> argparse.ArgumentParser:
     """Flags every script shares; the keyword arguments are that script's defaults."""

@@ -15,7 +15,7 @@ import time
 import submitit
 from submitit.helpers import DelayedSubmission
 
-from kd.rundir import rerun_flags
+from kd.rundir import RERUN_FLAGS, verdict
 
 STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGHUP}  # kd.errors
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
@@ -42,7 +42,7 @@ class RunJob:
     def __call__(self) -> str:
         if self.done_file and os.path.exists(self.done_file):
             return "done before"
-        flags = [] if self.out_dir is None else rerun_flags(self.out_dir)
+        flags = [] if self.out_dir is None else RERUN_FLAGS[verdict(self.out_dir)]
         if flags is None:
             return "done before"
         environment = submitit.JobEnvironment()

@@ -36,16 +36,40 @@ def existing_run_files(out_dir: str) -> list[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
 
 
-def rerun_flags(out_dir: str) -> list[str] | None:
-    """How to start the run in out_dir (again): None when it has finished (summary.json),
-    --resume from its last.pt, --overwrite when it holds files but no saved epoch, nothing when
-    it holds no run."""
+def verdict(out_dir: str, planned: dict | None = None) -> str:
+    """What to do with the run folder out_dir, the one rule study.py, kd.job and kd.launch ask:
+    'run' (it holds no run file), 'restart' (it holds files but nothing a run computed to go on
+    from or to report: no last.pt and no log.csv, or a log.csv without last.pt and summary.json),
+    'resume' (last.pt, no summary.json) or 'done' (summary.json beside last.pt or log.csv).
+
+    With `planned`, the config the run would record, a folder that holds a computed run (last.pt
+    or log.csv) whose config.json cannot be read or differs from it in a setting is refused
+    (UserError): its run is not the planned one."""
     files = existing_run_files(out_dir)
+    if not files:
+        return "run"
+    if "last.pt" not in files and "log.csv" not in files:
+        return "restart"  # nothing was computed there yet
+    if planned is not None:
+        try:
+            with open(os.path.join(out_dir, "config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            saved = f"{type(e).__name__}: {e}"
+        if not isinstance(saved, dict):
+            raise UserError(f"{out_dir} holds {', '.join(files)} but no readable config.json "
+                            f"({saved}); move it away or pick another --out_dir")
+        changed = changed_settings(saved, planned, planned)
+        if changed:
+            raise UserError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+                            f"run the study with the flags it was made with, or another --out_dir")
     if "summary.json" in files:
-        return None
-    if "last.pt" in files:
-        return ["--resume"]
-    return ["--overwrite"] if files else []
+        return "done"
+    return "resume" if "last.pt" in files else "restart"
+
+
+# The flags that start a run again as verdict() says (None: it is done)
+RERUN_FLAGS = {"run": [], "restart": ["--overwrite"], "resume": ["--resume"], "done": None}
 
 
 def check_out_dir(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> None:

@@ -4,6 +4,7 @@ train_student.py's refusal of a batch the processes cannot share is tested here)
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -91,10 +92,14 @@ def test_resume_with_another_process_count(ddp_runs, ddp_data, teacher, tmp_path
     assert json.load(open(folder / "config.json"))["world_size"] == 1  # where it runs now
 
 
-def test_a_complete_run_says_so_once(ddp_runs, ddp_data, teacher):
-    result = torchrun("distill_student.py", "--out_dir", str(ddp_runs / "kd"), "--data_dir",
+def test_a_complete_run_says_so_once(ddp_runs, ddp_data, teacher, tmp_path):
+    """On a copy: the fixture's run stays as the other tests read it, whatever their order."""
+    shutil.copytree(ddp_runs / "kd", tmp_path / "kd")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "kd").iterdir()}
+    result = torchrun("distill_student.py", "--out_dir", str(tmp_path / "kd"), "--data_dir",
                       ddp_data, "--teacher_ckpt", teacher, "--resume", *COMMON)
     assert result.stdout.count("the run is already complete at epoch 1") == 1
+    assert {f.name: f.read_bytes() for f in (tmp_path / "kd").iterdir()} == before
 
 
 def test_the_processes_share_the_cache_build(teacher, tmp_path):

@@ -2,6 +2,7 @@
 import csv
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -356,10 +357,18 @@ def test_resuming_crd_on_other_data_is_one_line(runs, fake_data, tmp_path, in_pr
     assert folder_bytes(folder) == before
 
 
-def test_a_complete_run_resumed_adds_no_time(runs, fake_data, in_process):
-    result = in_process("train_student.py", ["--out_dir", runs / "baseline", "--data_dir",
-                                             fake_data, *COMMON, "--resume"])
+def test_a_complete_run_resumed_changes_nothing(runs, fake_data, in_process, tmp_path):
+    """On a copy of the fixture's run: its summary.json (total time included) and every other
+    file stay as the run wrote them; a summary lost after the last last.pt is written again."""
+    folder = tmp_path / "baseline"
+    shutil.copytree(runs / "baseline", folder)
+    before = folder_bytes(folder)
+    argv = ["--out_dir", folder, "--data_dir", fake_data, *COMMON, "--resume"]
+    result = in_process("train_student.py", argv)
     assert result.returncode == 0 and "already complete at epoch 2" in result.stdout
-    summary = json.loads((runs / "baseline" / "summary.json").read_text())
-    last = torch.load(runs / "baseline" / "last.pt", weights_only=True)
-    assert summary["total_time_s"] == last["elapsed_s"]  # as saved: nothing ran
+    assert folder_bytes(folder) == before
+    (folder / "summary.json").unlink()
+    assert in_process("train_student.py", argv).returncode == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert summary["total_time_s"] == last["elapsed_s"]  # as last.pt saved it: nothing ran

@@ -2,17 +2,21 @@
 report's grouping ask it, so they agree on the same folders."""
 import argparse
 import itertools
+import json
 
 import pytest
+import torch
 
 import distill_student
+import kd.job
 import study
 from helpers import assert_one_line_error, write_run
 from kd.distributed import World
 from kd.errors import UserError
 from kd.methods import METHOD_FLAGS
 from kd.models import STUDENT_ARCH
-from kd.rundir import experiment_key, is_distilled, later_defaults, resumed_config, run_config
+from kd.rundir import (RERUN_FLAGS, experiment_key, is_distilled, later_defaults, resumed_config,
+                       run_config, verdict)
 from plots.groups import group_runs
 from plots.rundata import load_runs
 
@@ -29,7 +33,7 @@ def saved_config(job: study.Job) -> dict:
                         teacher_logits=config["teacher_logits"],
                         teacher_cache_sha256="cd34" if cached else None)
     args = argparse.Namespace(**{k: v for k, v in config.items() if k not in run_info})
-    return run_config(args, study.torch.device("cpu"), run_info, World())
+    return run_config(args, torch.device("cpu"), run_info, World())
 
 
 @pytest.fixture
@@ -84,6 +88,55 @@ def test_a_folder_of_another_script_is_named_so(folders):
         resumed_config(configs["online0"], saved_config(jobs["ce0"]), 1)
     assert study.differences(configs["ce0"], jobs["online0"]) == [
         "made by train_student.py, not distill_student.py"]
+
+
+# A run folder's files -> the verdict on it, with the config it was planned with
+FOLDER_STATES = {
+    "no folder": (None, "run"),
+    "empty folder": ([], "run"),
+    "config.json only": (["config.json"], "restart"),
+    "summary.json, no log or last.pt": (["config.json", "summary.json"], "restart"),
+    "a log, no last.pt": (["config.json", "log.csv"], "restart"),
+    "a saved epoch": (["config.json", "log.csv", "last.pt"], "resume"),
+    "finished": (["config.json", "log.csv", "last.pt", "best.pt", "summary.json"], "done"),
+    "finished, last.pt deleted": (["config.json", "log.csv", "best.pt", "summary.json"], "done"),
+}
+
+
+@pytest.mark.parametrize("files,expected", FOLDER_STATES.values(), ids=FOLDER_STATES.keys())
+def test_one_verdict_on_each_folder_state(tmp_path, files, expected):
+    """kd.rundir.verdict is what study.py plans by and what a submitit job (kd.job) starts by."""
+    folder = tmp_path / "run"
+    config = {"arch": STUDENT_ARCH, "lr": 0.2, "seed": 0}
+    if files is not None:
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text(json.dumps(config) if name == "config.json" else "x")
+    assert verdict(str(folder)) == verdict(str(folder), config) == expected
+    assert study.to_do(study.Job("run", "train_student.py", [], str(folder), config)) == expected
+
+    class Started(Exception):
+        """The job went past its verdict, on to start the run."""
+
+    def start():
+        raise Started
+    with pytest.MonkeyPatch.context() as mp:  # a submitit job's start, up to running the script
+        mp.setattr(kd.job.submitit, "JobEnvironment", start)
+        try:
+            outcome = kd.job.RunJob(["train_student.py"], {}, str(tmp_path / "log"),
+                                    out_dir=str(folder))()
+        except Started:
+            outcome = "started"
+    assert outcome == ("done before" if RERUN_FLAGS[expected] is None else "started")
+
+
+@pytest.mark.parametrize("saved", ["{not json", json.dumps({"arch": STUDENT_ARCH, "lr": 0.5})])
+def test_a_folder_holding_another_run_is_refused(tmp_path, saved):
+    (tmp_path / "log.csv").write_text("x")
+    (tmp_path / "config.json").write_text(saved)
+    assert verdict(str(tmp_path)) == "restart"  # no planned config: nothing to compare
+    with pytest.raises(UserError, match="no readable config.json|--lr 0.5 -> 0.2"):
+        verdict(str(tmp_path), {"arch": STUDENT_ARCH, "lr": 0.2, "seed": 0})
 
 
 @pytest.mark.parametrize("terms,distilled", [
