@@ -3,10 +3,11 @@ Helper functions and constants are in helpers.py."""
 import os
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
 
-from helpers import REPO, TINY_RUN, run_in_process
+from helpers import KD, REPO, STUDENT, TEACHER, TINY_RUN, run_in_process, write_run
 from kd.synthetic import write_fake_cifar100
 
 # One CPU thread count for this process and the processes tests start (which inherit it): a run
@@ -38,6 +39,22 @@ def runs_root(fake_data, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def teacher_file(tmp_path) -> str:
+    """A stand-in teacher checkpoint for study.py's plan, which only hashes it."""
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"stand-in teacher: plan() only hashes it")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def in_its_tmp_path(monkeypatch, tmp_path):
+    """Every test runs in its own tmp_path: a file a test or a script writes by a relative path
+    (a default --out_dir, a cache named on the command line) lands there, never in the checkout.
+    What must run from the repo says so (helpers.REPO)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def no_weight_downloads(monkeypatch, tmp_path):
     """Keep torch's weight cache empty and private, so no test depends on what a machine cached."""
@@ -48,3 +65,35 @@ def no_weight_downloads(monkeypatch, tmp_path):
 def in_process(monkeypatch, capsys):
     """helpers.run_in_process with this test's monkeypatch and capsys."""
     return lambda script, argv: run_in_process(script, argv, monkeypatch, capsys)
+
+
+@pytest.fixture
+def unrendered(request, monkeypatch):
+    """For the report's tests (pytestmark): most read results.md and the warnings, so their
+    figures are built (every plotting call runs) and saved as empty files, not rendered (about a
+    second a report). The tests that read the PNGs, and those of non-finite and blown-up values,
+    ask for `rendered`."""
+    if "rendered" not in request.fixturenames:
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                            lambda fig, path, **kwargs: Path(path).write_bytes(b""))
+
+
+@pytest.fixture
+def rendered():
+    """The figures rendered as the report renders them (see `unrendered`)."""
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    """A teacher, a baseline picked on val, and a KD experiment with seeds 0 and 1 (which also
+    differ in how they ran: the teacher's path, --overwrite, the environment, the GPUs)."""
+    root = tmp_path / "exp"
+    write_run(root / "teacher", TEACHER, [50.0, 60.0, 58.0])
+    write_run(root / "baseline", STUDENT, [10.0, 30.0, 25.0], val_top1=[12.0, 20.0, 28.0],
+              logits_seed=None)
+    write_run(root / "kd" / "seed0", KD, [20.0, 41.0, 40.0], logits_seed=1)
+    write_run(root / "kd" / "seed1", {**KD, "seed": 1, "teacher_ckpt": "copy/best.pt",
+                                       "overwrite": True, "world_size": 2,
+                                       "per_rank_batch_size": 64}, [22.0, 43.0, 44.0],
+              logits_seed=2)
+    return root

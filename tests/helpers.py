@@ -2,6 +2,7 @@
 one-line error check, hand-written run folders as kd/train.py writes them, and small training
 pieces. Fixtures live in conftest.py."""
 import contextlib
+import csv
 import io
 import json
 import os
@@ -10,12 +11,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn as nn
 
 import kd.errors
+import study
 from kd.data import DeviceLoader, Split, load_split
-from kd.train import make_optimization
+from kd.optim import make_optimization
 from plots.plot_runs import main as plot_runs_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +26,14 @@ CPU = torch.device("cpu")
 
 # A short run of any script on fake_data (the pipeline tests, the teacher below, the study)
 TINY_RUN = ["--epochs", "2", "--batch_size", "100", "--eval_batch_size", "64", "--no-download"]
+# The runs of a study in the tests (test_study*.py): one epoch each
+STUDY_RUN = ["--epochs", "1", "--batch_size", "100", "--eval_batch_size", "100", "--no-download"]
+
+
+def planned(argv: list[str]) -> list:
+    """The study.Job list study.py plans from argv."""
+    args, rest = study.build_parser().parse_known_args(argv)
+    return study.plan(args, study.flag_values(rest))
 
 
 class RunsCode:
@@ -171,3 +182,42 @@ def results_rows(text: str) -> dict[str, dict[str, str]]:
         for row in rows[2:]:
             merged.setdefault(row[0], {}).update(zip(rows[0], row))
     return merged
+
+
+def left_out(text: str) -> list[str]:
+    """The items of results.md's list of what was left out."""
+    if "\nLeft out:\n" not in text:
+        return []
+    items = text.split("\nLeft out:\n\n")[1].split("\n\n")[0]
+    return [line.removeprefix("- ") for line in items.splitlines()]
+
+
+def run_error(argv: list, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        plot_runs_main([*map(str, argv)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err
+
+
+def report_with_problems(argv: list, capsys) -> tuple[str, list[str]]:
+    """results.md of a report that had to leave things out, and those things; each is also one
+    warning line on stderr."""
+    text = report(*argv)
+    captured = capsys.readouterr()
+    assert captured.out == text and "Traceback" not in captured.err
+    assert captured.err.splitlines() == [f"warning: {line}" for line in left_out(text)]
+    return text, left_out(text)
+
+
+def set_log_column(folder: Path, column: str, values: list[float]) -> None:
+    """Rewrite one column of log.csv, formatted as kd/logger.py formats floats."""
+    with open(folder / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, value in zip(rows, values):
+        row[column] = f"{value:.6g}"
+    with open(folder / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,7 +1,7 @@
 """study.py --launcher slurm without a cluster: stand-in sbatch, srun, sinfo and sacct on PATH
 check what is submitted (the sbatch files), recorded and resubmitted; the refusals; the DDP
 variables a job's tasks get. The runs themselves, through submitit's local executor, are in
-test_study.py (the tiny study) and test_resume.py (a preempted run)."""
+test_study_runs.py (the tiny study) and test_resume.py (a preempted run)."""
 import json
 import os
 import signal
