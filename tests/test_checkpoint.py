@@ -43,19 +43,21 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
-def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-    torch.save({"model": RunsCode(marker), "config": {}}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="(?i)global.*system"):
-        load_teacher(str(tmp_path / "evil.pt"))
+@pytest.mark.parametrize("use", ["as teacher", "on resume"])
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, fake_data, in_process, use):
+    """A pickle that would run code, as a teacher (kd.models.load_teacher) or as a run's last.pt
+    (train_student.py --resume: one line on stderr): refused, and its code never runs."""
+    marker, folder = tmp_path / "pwned", tmp_path / "run"
+    folder.mkdir()
+    torch.save({"model": RunsCode(marker), "config": {}}, folder / "last.pt")
+    if use == "as teacher":
+        with pytest.raises(UserError, match="(?i)global.*system"):
+            load_teacher(str(folder / "last.pt"))
+    else:
+        result = in_process("train_student.py", ["--out_dir", folder, "--data_dir", fake_data,
+                                                 "--no-download", "--resume"])
+        assert_one_line_error(result, "not a loadable checkpoint")
     assert not marker.exists()
-
-
-def test_student_checkpoint_is_refused_as_teacher(tmp_path):
-    save_checkpoint(str(tmp_path / "s.pt"), {"model": build_student().state_dict(),
-                                              "config": {"arch": "mobilenet_v3_small"}})
-    with pytest.raises(UserError, match="not a resnet50 checkpoint.*mobilenet_v3_small"):
-        load_teacher(str(tmp_path / "s.pt"))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
