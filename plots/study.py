@@ -310,7 +310,7 @@ def study_section(study: Study, out: Path, prefix: str) -> str:
              f"seeds). Gain: test top-1 minus the CE baseline's, paired by seed, with a two-sided "
              f"{LEVEL:.0%} Student-t interval on the mean of the per-seed differences. The "
              f"interval does not account for picking the point among the grid on the same "
-             f"seeds, which biases the gain upward: confirm it on fresh seeds (README, Study)."]
+             f"seeds, which biases the gain upward: confirm it on fresh seeds (docs/studies.md)."]
     if study.teachers:
         parts.append("The teacher: test top-1 " + ", ".join(
             f"{top1:.2f} %" + (f" (checkpoint SHA-256 {sha[:12]})" if len(study.teachers) > 1
