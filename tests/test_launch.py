@@ -4,17 +4,18 @@ variables a job's tasks get. The runs themselves, through submitit's local execu
 test_study_runs.py (the tiny study) and test_resume.py (a preempted run)."""
 import json
 import os
+import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import submitit
 
 import kd.errors
+import study
 from helpers import REPO, assert_one_line_error
-from kd import job
+from kd import job, launch
 from kd.distributed import World
 
 SBATCH = """#!/bin/sh
@@ -175,11 +176,16 @@ def test_stop_signals_wait_for_the_end_of_a_submission(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_jobs_process_imports_no_torch():
-    """A submitit job's process unpickles kd.job.RunJob: it must start without torch's seconds
-    of imports (the run's own process imports it)."""
-    code = "import sys, kd.job; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
-           "('torch', 'torchvision')))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+def test_a_jobs_process_finds_this_repo_and_imports_no_torch(tmp_path):
+    """A submitit job's process, started by the executor's interpreter command from another
+    folder, has this repository first on its path (it unpickles kd.job.RunJob from it, whatever
+    else is installed) and starts without torch's seconds of imports (the run's process imports
+    it). The slurm executor sets the same command (kd.launch.cluster.executor) but needs srun."""
+    args, _ = study.build_parser().parse_known_args(["--launcher", "submitit_local"])
+    python = shlex.split(launch.cluster.executor(args, str(tmp_path))._executor.python)
+    code = "import sys, kd.job; print(sys.path[1]); print(kd.job.__file__); print(sorted(m for " \
+           "m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    result = subprocess.run([*python, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(REPO), str(REPO / "kd" / "job.py"), "[]"]

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import submitit
 import torch
@@ -29,10 +28,11 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from kd.errors import StopRequested, UserError, say, stop_requested, stop_signals, stops_deferred
 from kd.flags import number, positive_int
 from kd.job import RunJob
-from kd.launch.folder import failure_report, print_report_command, record_command, result_line
-from kd.rundir import verdict
+from kd.launch.folder import (REPO, failure_report, print_report_command, record_command,
+                              result_line)
 from kd.launch.records import (JOBS_FILE, LOG_DIR, alive, local_state, read_jobs, recorded_states,
                                status_lines, with_job_log, write_jobs)
+from kd.rundir import verdict
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
 
@@ -139,7 +139,7 @@ def executor(args: argparse.Namespace, out_dir: str) -> submitit.AutoExecutor:
     The jobs' Python is this one, with this repository first on its path (the job unpickles
     RunJob from kd.job). Local jobs all start at once; each run gets the threads the study
     gives it (kd.launch.local.run_env), as under the local launcher."""
-    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    path = os.pathsep.join([str(REPO),
                             *filter(None, [os.environ.get("PYTHONPATH")])])
     local = args.launcher == "submitit_local"
     python = shlex.join(["env", f"PYTHONPATH={path}", sys.executable])
