@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"kd_t32; on CPU or with --quick: {','.join(SMALL_CONFIGS)})")
     p.add_argument("--dtypes", metavar="LIST", type=comma_list(DTYPES),
                    help="autocast dtypes, comma-separated (default: bf16 on CUDA, fp32 on CPU, "
-                        "the only one kd.inference.make_autocast gives there: the scripts' defaults)")
+                        "the only one kd.inference.make_autocast gives there: the scripts' "
+                        "defaults)")
     p.add_argument("--compile", choices=["off", "on", "both"],
                    help="torch.compile variants (default on CUDA: both, to show what --compile "
                         "gains; on CPU: off, as the scripts without --compile)")
@@ -173,8 +174,8 @@ def fill_defaults(args: argparse.Namespace, *, cuda: bool) -> None:
     if args.images < args.batch_size:
         raise UserError(f"--images {args.images} is fewer than one --batch_size {args.batch_size}")
     if not cuda and args.dtypes != ["fp32"]:
-        raise UserError("on CPU only --dtypes fp32 applies: kd.inference.make_autocast autocasts on "
-                        "CUDA only")
+        raise UserError("on CPU only --dtypes fp32 applies: kd.inference.make_autocast "
+                        "autocasts on CUDA only")
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:

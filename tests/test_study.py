@@ -244,9 +244,9 @@ def test_bad_study_flags_are_one_line(argv, phrase, tmp_path, teacher_file, monk
 
 def test_dry_run_prints_the_commands_to_run(tmp_path, teacher_file, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # scripts are shown relative to the current folder
-    captured = run_in_process("study.py", ["--out_dir", tmp_path, "--teacher_ckpt", teacher_file,
-                                           "--seeds", "3", "--T", "1", "2", "--dry_run", *STUDY_RUN],
-                              monkeypatch, capsys)
+    captured = run_in_process("study.py", [
+        "--out_dir", tmp_path, "--teacher_ckpt", teacher_file, "--seeds", "3", "--T", "1", "2",
+        "--dry_run", *STUDY_RUN], monkeypatch, capsys)
     lines = captured.stdout.splitlines()
     python = sys.executable  # the interpreter running the study, not whichever `python` is first
     assert lines[0] == (f"{python} -m kd.cache --teacher_ckpt {teacher_file} --out "

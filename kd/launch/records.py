@@ -98,8 +98,7 @@ def recorded_states(jobs: list, out_dir: str) -> dict[str, str]:
     """The scheduler's state (scheduler_states) of the job last submitted for each
     planned job that OUT_DIR/jobs.json records."""
     records = read_jobs(out_dir)
-    return scheduler_states({job.name: records[job.name] for job in jobs
-                                    if job.name in records})
+    return scheduler_states({job.name: records[job.name] for job in jobs if job.name in records})
 
 
 def status_lines(jobs: list, todo: list, states: dict[str, str], out_dir: str

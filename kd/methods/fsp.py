@@ -14,7 +14,8 @@ stage of the two models is compared at the smaller of its two sizes. Our pair fo
 reference raises ValueError unless both models have the same channels at every stage, which its
 CIFAR-100 pairs do and ours (16..576 against 256..2048) does not; it also includes the stem's
 output as the first map. The init stage's SGD runs at --init_lr 0.01, fixed (RepDistiller's
-for a MobileNet student), on the student's feature layers and the connectors. Terms: 'ce' (init_log.csv: 'init_fsp').
+for a MobileNet student), on the student's feature layers and the connectors. Terms: 'ce'
+(init_log.csv: 'init_fsp').
 """
 import argparse
 import functools

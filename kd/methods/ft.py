@@ -15,7 +15,8 @@ LeakyReLU, from the student's channels to k x the teacher's). The factor f is Re
 (the paper's p1 = 2, p2 = 1). At our teacher's 2048 channels the paraphraser holds 132 M
 parameters and the translator 17 M (RepDistiller's resnet32x4 teacher has 256). The init stage's
 SGD runs at --init_lr 0.01, fixed: RepDistiller's pretrain.py takes 0.01 for FT's ResNet and WRN
-students and its learning rate, also 0.01, for a MobileNet student. Terms: 'ce', 'ft' (init_log.csv: 'init_reconstruction').
+students and its learning rate, also 0.01, for a MobileNet student. Terms: 'ce', 'ft'
+(init_log.csv: 'init_reconstruction').
 """
 import argparse
 import functools
