@@ -180,7 +180,7 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--lr", "-1"], "--lr: must be > 0"),
     (["--batch_size", "100000"], "larger than the 300 training images"),
-    (["--teacher_ckpt", "missing.pt"], "does not exist"),
+    (["--teacher_ckpt", "missing.pt"], "--teacher_ckpt missing.pt does not exist (train_"),
     (["--resume"], "no last.pt"),
     (["--method", "crd", "--teacher_cache", "cache.pt"], "reads the teacher's features"),
     (["--method", "crd", "--nce_k", "298"], "--nce_k 298: more negatives than the 297"),
