@@ -6,7 +6,6 @@ the student's features to the teacher's), its connector.
 """
 import argparse
 import copy
-import os
 
 import torch
 
@@ -67,9 +66,6 @@ def main() -> None:
     if method.connector and World.from_env().size > 1:
         raise UserError(f"--method {args.method} runs in one process for now (its connector "
                         f"is not synchronised across torchrun's ranks)")
-    if not os.path.exists(args.teacher_ckpt):
-        raise UserError(f"--teacher_ckpt {args.teacher_ckpt} does not exist (train_teacher.py "
-                        f"writes it)")
     start = prepare_run(args, keep=(args.teacher_ckpt, args.teacher_cache or ""))
     teacher = load_teacher(args.teacher_ckpt).to(start.device, memory_format=MEMORY_FORMAT)
     run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt),

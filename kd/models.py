@@ -1,4 +1,6 @@
 """Teacher (torchvision ResNet-50) and student (torchvision MobileNetV3-Small), 100-class heads."""
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -160,6 +162,8 @@ def load_model(path: str, arch: str | None = None) -> tuple[nn.Module, dict]:
 
 def load_teacher(path: str) -> Upsampled:
     """The frozen teacher from a train_teacher.py checkpoint, at the --img_size it was trained
-    at."""
+    at. `path` is a --teacher_ckpt (distill_student.py's, kd.cache's): a missing one is named so."""
+    if not os.path.exists(path):
+        raise UserError(f"--teacher_ckpt {path} does not exist (train_teacher.py writes it)")
     teacher, _ = load_model(path, TEACHER_ARCH)
     return teacher.eval().requires_grad_(False)

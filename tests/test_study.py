@@ -19,7 +19,6 @@ from kd.errors import UserError
 from kd.methods import METHOD_FLAGS, METHODS
 
 
-
 def test_flag_values_groups_the_tokens():
     assert study.flag_values(["--T", "1", "2", "--logit_std", "--lr=0.1", "--alpha", "-1"]) == [
         ("--T", ["1", "2"]), ("--logit_std", []), ("--lr", ["0.1"]), ("--alpha", ["-1"])]
