@@ -60,9 +60,10 @@ def main() -> None:
     args = p.parse_args()
     refuse_unread_flags(p, args)
     method = METHODS[args.method]
-    if method.connector and args.teacher_cache:
-        p.error(f"--method {args.method} reads the teacher's features, which the logit cache "
-                f"--teacher_cache does not hold: leave it out (the teacher runs online)")
+    if method.online and args.teacher_cache:
+        p.error(f"--method {args.method} reads more of the teacher than the logit cache "
+                f"--teacher_cache holds (its features, or its logits of other views): leave it "
+                f"out (the teacher runs online)")
     if method.connector and World.from_env().size > 1:
         raise UserError(f"--method {args.method} runs in one process for now (its connector "
                         f"is not synchronised across torchrun's ranks)")

@@ -216,8 +216,8 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
                 folder = os.path.join(args.out_dir, name, f"seed{seed}")
                 settings = [token for n, v in zip(own, point) for token in (f"--{n}", *v)]
                 known = METHODS.get(method)  # unknown: the parser says so below
-                feature = known is not None and known.connector is not None
-                teacher = [] if online or feature else ["--teacher_cache", cache_path]
+                live = known is not None and known.online
+                teacher = [] if online or live else ["--teacher_cache", cache_path]
                 argv = ["--out_dir", folder, *run, *distilled, "--method", method, *settings,
                         *teacher]
                 jobs.append(Job(f"{name}/seed{seed}", "distill_student.py", argv, folder))

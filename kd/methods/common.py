@@ -30,7 +30,9 @@ class Method:
     with a connector, loss(logits, teacher_logits, labels, connector(keys, labels));
     connector: for a feature method, what builds the trainable module that reads both models'
     taps (kd.features), trained with the student and saved apart from it in last.pt; init: a
-    stage of --init_epochs before the first epoch (kd.train.InitStage).
+    stage of --init_epochs before the first epoch (kd.train.InitStage); logits_only: the
+    connector reads nothing of the teacher but its logits of the training batch (CTKD's
+    temperature), so the logit cache --teacher_cache can stand in for the live teacher.
     """
 
     flags: tuple[str, ...]
@@ -38,6 +40,13 @@ class Method:
     loss_at: Callable[[argparse.Namespace, int], LossFn]
     connector: Connector | None = None
     init: InitStage | None = None
+    logits_only: bool = False
+
+    @property
+    def online(self) -> bool:
+        """Whether the teacher must run online: the connector reads more of it than the logit
+        cache holds (its features, or its logits of other views)."""
+        return self.connector is not None and not self.logits_only
 
 
 # The flags several methods read: name -> (argparse keywords, what it is); the help names the
