@@ -11,7 +11,7 @@ import torch
 
 from kd.cache import open_cache
 from kd.checkpoint import file_sha256
-from kd.data import hold_out, load_split
+from kd.data import Split, hold_out, load_split
 from kd.distributed import World
 from kd.errors import UserError, run_script
 from kd.flags import NO_CACHE, STUDENT_RECIPE, add_student_flags, base_parser, cache_file
@@ -44,15 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def training_labels(args: argparse.Namespace) -> torch.Tensor:
-    """The label of each image of the training file by its position, -1 for the images that
-    --val_size holds out as kd.train.fit does (a memory bank has a row per image)."""
+def training_file(args: argparse.Namespace) -> Split:
+    """The training file as a connector reads it: every image by its position, the label -1 for
+    the images that --val_size holds out as kd.train.fit does (a memory bank has a row per
+    image; MLKD draws its strong views of the images)."""
     train = load_split(args.data_dir, train=True, download=args.download)
-    labels = torch.full((len(train),), -1, dtype=torch.long)
-    if args.val_size:
-        train, _ = hold_out(train, args.val_size, args.seed)
-    labels[train.file_index] = train.labels
-    return labels
+    if not args.val_size:
+        return train
+    kept, _ = hold_out(train, args.val_size, args.seed)
+    labels = torch.full_like(train.labels, -1)
+    labels[kept.file_index] = kept.labels
+    return Split(train.images, labels, train.coarse_labels, train.classes)
 
 
 def main() -> None:
@@ -82,7 +84,7 @@ def main() -> None:
         online = torch.compile(teacher) if args.compile else teacher
         train_logits = lambda images, keys: online(images)
     student = build_student(args.stem)
-    connector = method.connector(args, student, teacher, training_labels(args)) \
+    connector = method.connector(args, student, teacher, training_file(args)) \
         if method.connector else None
     fit(args, student, start, loss_at, run_info,
         Teacher(teacher, train_logits, connector, method.init))

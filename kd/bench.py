@@ -267,14 +267,17 @@ def training_args(method: str, batch_size: int) -> argparse.Namespace:
 def feature_connector(config: Config, train_args: argparse.Namespace, model: nn.Module,
                       teacher: nn.Module | None, split: Split) -> nn.Module | None:
     """A feature method's connector as distill_student.py builds it at its defaults, on the
-    model's device, for a training set of CIFAR-100's 50,000 images (labels in turn), or the
-    generated split's size when larger (a memory bank has a row per training image)."""
+    model's device, for a training file of CIFAR-100's 50,000 images (the split's, repeated;
+    labels in turn), or the split's size when larger (a memory bank has a row per training
+    image)."""
     method = METHODS[config.method]
     if method.connector is None:
         return None
-    labels = torch.arange(max(TRAIN_IMAGES, len(split))) % NUM_CLASSES
+    position = torch.arange(max(TRAIN_IMAGES, len(split)), device=split.images.device)
+    labels = position % NUM_CLASSES
+    train = Split(split.images[position % len(split)], labels, labels // 5, split.classes)
     device = next(model.parameters()).device
-    return method.connector(train_args, model, teacher, labels).to(device)
+    return method.connector(train_args, model, teacher, train).to(device)
 
 
 def bench_eval(config: Config, variant: Variant, loader: DeviceLoader, args: argparse.Namespace,

@@ -114,7 +114,7 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
                "init_lr": "0.02", "ab_margin": "2", "ft_weight": "3"}
     assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
-    training_labels = distill_student.training_labels(parser.parse_args(base))  # no flag moves it
+    train = distill_student.training_file(parser.parse_args(base))  # no flag moves it
 
     def loss(method: str, name: str | None) -> tuple:
         """The method's loss and, with an init stage, its init loss and length."""
@@ -124,7 +124,7 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
         entry = METHODS[method]
         if entry.connector:
             torch.manual_seed(0)  # the same initial weights and negatives whatever the flags
-            connect = entry.connector(args, None, None, training_labels)
+            connect = entry.connector(args, None, None, train)
             connect(keys, labels)  # a second step reads what the first left (CRD's memory)
             inputs.append(connect(keys, labels))
         value = (distill_student.loss_at(args, 2)(*inputs)[0].item(),)

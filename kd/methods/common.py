@@ -9,14 +9,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd.data import Split
 from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, wide
 from kd.train import InitStage
 
 weight = number(float, 0)
 # a feature method's connector, built from distill_student.py's flags, the student, the teacher
-# (on its device) and the label of each training-file image (-1: held out by --val_size)
-Connector = Callable[[argparse.Namespace, nn.Module, nn.Module, torch.Tensor], nn.Module]
+# (on its device) and the training file (distill_student.training_file: every image by its
+# position, the label -1 where --val_size holds it out)
+Connector = Callable[[argparse.Namespace, nn.Module, nn.Module, Split], nn.Module]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
-from kd.data import NUM_VIEWS
+from kd.data import NUM_VIEWS, Split
 from kd.errors import UserError
 from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, LossTerms, wide
@@ -134,9 +134,9 @@ class ContrastMemory(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> ContrastMemory:
+              train: Split) -> ContrastMemory:
     taps = features.student_taps(student)
-    return ContrastMemory(taps, features.teacher_taps(teacher, taps), labels, args.feat_dim,
+    return ContrastMemory(taps, features.teacher_taps(teacher, taps), train.labels, args.feat_dim,
                           (args.nce_k, args.nce_t, args.nce_m))
 
 
