@@ -19,6 +19,7 @@ from kd.inference import MEMORY_FORMAT
 from kd.losses import LossFn
 from kd.methods import METHODS, add_flags as add_method_flags, readers, summary
 from kd.models import STUDENT_ARCH, build_student, load_teacher
+from kd.optim import add_optimizer_flags
 from kd.rundir import resumed_config
 from kd.train import Teacher, fit, prepare_run
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file exists (after checks), built there first when it does not; then no "
                         f"teacher forward runs in training. Default, or {NO_CACHE}: the teacher "
                         "runs online")
+    add_optimizer_flags(p)
     add_method_flags(p)
     return p
 
@@ -61,6 +63,8 @@ def main() -> None:
     p = build_parser()
     args = p.parse_args()
     refuse_unread_flags(p, args)
+    if args.optimizer == "dot":
+        refuse_unusable_dot(p, args)
     method = METHODS[args.method]
     if method.online and args.teacher_cache:
         p.error(f"--method {args.method} reads more of the teacher than the logit cache "
@@ -87,12 +91,14 @@ def main() -> None:
     connector = method.connector(args, student, teacher, training_file(args)) \
         if method.connector else None
     fit(args, student, start, loss_at, run_info,
-        Teacher(teacher, train_logits, connector, method.init))
+        Teacher(teacher, train_logits, connector, method.init),
+        dot_delta=args.dot_delta if args.optimizer == "dot" else None)
 
 
 def refuse_unread_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One line for a method's flag given to a --method that does not read it (it would be
-    recorded in config.json but change nothing), as study.py refuses it."""
+    recorded in config.json but change nothing), as study.py refuses it; likewise --dot_delta
+    without --optimizer dot."""
     shadow = copy.deepcopy(parser)
     for action in shadow._actions:  # what the command line sets, without the defaults
         action.default = argparse.SUPPRESS
@@ -102,6 +108,21 @@ def refuse_unread_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
         if methods and args.method not in methods:
             parser.error(f"--{name} is read by --method {', '.join(methods)}, not by "
                          f"{args.method}")
+    if "dot_delta" in given and args.optimizer != "dot":
+        parser.error(f"--dot_delta is read by --optimizer dot, not by {args.optimizer}")
+
+
+def refuse_unusable_dot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line for --optimizer dot where it cannot train: a momentum outside [0, 1), or
+    torchrun (DistributedDataParallel all-reduces the gradients of one backward pass per
+    forward; DOT's second one would stay each process's own)."""
+    task, distillation = args.momentum - args.dot_delta, args.momentum + args.dot_delta
+    if not 0 <= task <= distillation < 1:
+        parser.error(f"--momentum {args.momentum:g} and --dot_delta {args.dot_delta:g} give DOT "
+                     f"momenta {task:g} and {distillation:g}: both must lie in [0, 1)")
+    if World.from_env().size > 1:
+        raise UserError("--optimizer dot runs in one process (under torchrun, DDP would "
+                        "all-reduce only the first of its two backward passes a step)")
 
 
 if __name__ == "__main__":

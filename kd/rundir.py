@@ -133,9 +133,11 @@ def run_config(args: argparse.Namespace, device, arch: dict, world) -> dict:
 def later_defaults() -> dict:
     """Settings added since runs were first written, with the value that distilled runs written
     before them had in effect: every method flag's default (kd.methods), --method's included,
-    and the teacher's logits online."""
+    the optimizer's (SGD), and the teacher's logits online."""
     from kd.methods import flag_defaults  # here: kd.job reads this module without torch
-    return {**flag_defaults(), "teacher_logits": "online", "teacher_cache_sha256": None}
+    from kd.optim import OPTIMIZER_DEFAULTS
+    return {**flag_defaults(), **OPTIMIZER_DEFAULTS, "teacher_logits": "online",
+            "teacher_cache_sha256": None}
 
 
 def is_distilled(config: dict, log_columns=()) -> bool:

@@ -29,7 +29,7 @@ from kd.logger import CSVLogger
 from kd.record import Record, logits_record
 from kd.losses import LossFn
 from kd.metrics import split_metrics, superclass_map
-from kd.optim import Optimization, make_optimization
+from kd.optim import DOT, Optimization, make_optimization
 from kd.rundir import check_out_dir, resumed_config, run_config, stopped_message
 
 # Training settings that are not flags; kd.bench measures with the same ones.
@@ -90,12 +90,13 @@ class InitStage:
 
 def fit(args: argparse.Namespace, model: nn.Module, start: Start,
         loss_at: Callable[[argparse.Namespace, int], LossFn], run_info: dict,
-        teacher: Teacher | None = None) -> dict:
+        teacher: Teacher | None = None, *, dot_delta: float | None = None) -> dict:
     """Train model as args say, write the run folder, return the summary.
 
     loss_at(args, epoch): the loss minimised in that epoch (kd.losses), called as
     loss_fn(logits, labels), or with a teacher as loss_fn(logits, teacher_logits, labels).
-    run_info: what config.json records beyond the flags (arch, teacher hash).
+    run_info: what config.json records beyond the flags (arch, teacher hash). dot_delta: train
+    with kd.optim.DOT at this delta instead of SGD (distill_student.py's --optimizer dot).
     """
     device, world = start.device, start.world
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
@@ -104,7 +105,7 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
                                         device, sync_bn=args.sync_bn)
     connector = teacher.connector.to(device) if teacher and teacher.connector else None
     trained = nn.ModuleList([model_without_ddp, connector]) if connector else model
-    opt = make_optimization(args, trained, len(train_loader), device)
+    opt = make_optimization(args, trained, len(train_loader), device, dot_delta=dot_delta)
     record = restore(args, start, model_without_ddp, connector, opt, run_info)
     if record.epoch >= args.epochs:
         record.say(f"{args.out_dir}: the run is already complete at epoch {record.epoch}")
@@ -121,7 +122,9 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     for epoch in range(record.epoch + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
-        loss_fn = torch.compile(loss_at(args, epoch)) if args.compile else loss_at(args, epoch)
+        loss_fn = loss_at(args, epoch)
+        if args.compile and dot_delta is None:  # DOT reads dL/d(ce) off an eager loss's graph
+            loss_fn = torch.compile(loss_fn)
         step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt, connector)
         with resume_hint(record.saved_epoch, record.init.get("epoch", 0)):
             stats = train_one_epoch(step, train_loader, epoch, should_stop,
@@ -301,7 +304,8 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
 
 def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One SGD step; returns the loss, the logits and the named loss terms, still on the device.
+    """One optimizer step; returns the loss, the logits and the named loss terms, still on the
+    device.
     keys: the loader's view keys of the batch, which a teacher cache looks the logits up by."""
     opt = step.opt
     with opt.autocast():
@@ -317,7 +321,10 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: tor
                 inputs.append(step.connector(keys, labels))
             loss, terms = step.loss_fn(*inputs)
     opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
+    if isinstance(opt.optimizer, DOT):  # two backward passes: distillation, then hard-label CE
+        opt.optimizer.backward(loss, terms)
+    else:
+        opt.scaler.scale(loss).backward()
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
