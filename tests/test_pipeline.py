@@ -287,6 +287,9 @@ def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online, mon
     ("dkd", ["--dkd_warmup", "2"], ["train_ce", "train_tckd", "train_nckd"]),
     ("dist", [], ["train_ce", "train_inter", "train_intra"]),
     ("kd", ["--logit_std", "--alpha", "0.1", "--T", "2"], ["train_ce", "train_kd"]),
+    ("wttm", ["--wttm_gamma", "0.5"], ["train_ce", "train_wttm"]),
+    ("ctkd", ["--ctkd_loss", "dkd"], ["train_ce", "train_tckd", "train_nckd", "train_temperature"]),
+    ("dkd", ["--optimizer", "dot"], ["train_ce", "train_tckd", "train_nckd"]),
 ])
 def test_every_method_runs_from_the_cache(cached_and_online, method, flags, terms, monkeypatch,
                                           capsys):
@@ -305,7 +308,8 @@ def test_every_method_runs_from_the_cache(cached_and_online, method, flags, term
 # Each feature method and a term of its own in log.csv
 FEATURE_TERMS = {"fitnet": "hint", "crd": "crd", "reviewkd": "review", "at": "at", "pkt": "pkt",
                  "rkd": "distance", "sp": "sp", "nst": "nst", "cc": "cc", "vid": "vid",
-                 "ofd": "ofd", "kdsvd": "kdsvd", "ab": "ce", "ft": "ft", "fsp": "ce"}
+                 "ofd": "ofd", "kdsvd": "kdsvd", "ab": "ce", "ft": "ft", "fsp": "ce",
+                 "itrd": "correlation", "sdd": "sdd", "mlkd": "instance", "ctkd": "temperature"}
 # What a step needs on 100 images: CRD fewer negatives; the init stages: tests/test_two_stage.py
 EXTRA = {"crd": ["--nce_k", "64"], "ab": ["--init_epochs", "0"], "ft": ["--init_epochs", "0"],
          "fsp": ["--init_epochs", "0"]}

@@ -115,10 +115,11 @@ def feature_cmd(method, out_dir, data, teacher, *extra):
 
 
 # The connector with the most state: embeddings, memory bank, Z, negatives (the others resume
-# through the same last.pt: the in-process test below)
+# through the same last.pt: the in-process test below); MLKD's strong views, drawn anew each step
 @pytest.mark.slow
 @pytest.mark.parametrize("method,extra,state", [
-    ("crd", ["--nce_k", "64"], {"memory_s", "memory_t", "z"})])
+    ("crd", ["--nce_k", "64"], {"memory_s", "memory_t", "z"}),
+    ("mlkd", ["--epochs", "2", "--batch_size", "100"], set())])  # 3 forwards a step: fewer steps
 def test_feature_method_resumes_exactly_after_sigkill(runs_root, fake_data, tmp_path, method,
                                                       extra, state):
     teacher = runs_root / "teacher" / "best.pt"

@@ -11,7 +11,9 @@ import torch
 
 import distill_student
 import kd.features
+import kd.methods.mlkd
 import kd.methods.ofd
+import kd.methods.sdd
 import study
 from kd import launch
 from helpers import REPO, STUDY_RUN, assert_one_line_error, planned, run_in_process
@@ -85,6 +87,17 @@ class FixedTaps:
         return [self.values[i] for i in (which or range(len(self.values)))]
 
 
+class FixedOutput(torch.nn.Module):
+    """A stand-in connector that gives the same output at every call."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, keys, labels):
+        return self.output
+
+
 def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
     """METHOD_FLAGS (which the study grids over) against what each method computes, its loss on
     fixed logits and, for a feature method, on its connector's output from fixed taps: every flag
@@ -103,6 +116,12 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
             FixedTaps(student_shapes[:4], 3), FixedTaps(teacher_shapes[:4], 4)))
     margins = [-torch.rand(c, generator=g) for c, *_ in teacher_shapes[:4]]
     monkeypatch.setattr(kd.methods.ofd, "stage_margins", lambda teacher, taps: margins)
+    # the connectors that run the models' own heads, or the models on other views: stand-ins
+    monkeypatch.setattr(kd.methods.sdd, "heads", lambda student, teacher: (
+        torch.nn.Linear(10, 100), torch.nn.Linear(20, 100)))
+    strong = torch.randn(16, 100, generator=g), torch.randn(16, 100, generator=g) * 3
+    monkeypatch.setattr(kd.methods.mlkd, "StrongViews",
+                        lambda student, teacher, train: FixedOutput(strong))
     changed = {"T": "2", "alpha": "0.2", "logit_std": None, "ce_weight": "0.3", "dkd_alpha": "2",
                "dkd_beta": "3", "dkd_warmup": "5", "dist_beta": "1", "dist_gamma": "1",
                "hint_weight": "3", "hint_stage": "3", "crd_weight": "2", "feat_dim": "16",
@@ -111,7 +130,13 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
                "rkd_weight": "3", "rkd_distance": "3", "rkd_angle": "3", "sp_weight": "3",
                "nst_weight": "3", "cc_weight": "3", "vid_weight": "3", "vid_init_var": "2",
                "ofd_weight": "3", "kdsvd_weight": "3", "kdsvd_k": "2", "init_epochs": "3",
-               "init_lr": "0.02", "ab_margin": "2", "ft_weight": "3"}
+               "init_lr": "0.02", "ab_margin": "2", "ft_weight": "3", "wttm_gamma": "0.5",
+               "wttm_beta": "2", "itrd_corr": "3", "itrd_mutual": "3", "itrd_alpha": "1.01",
+               "sdd_scales": "1,2", "sdd_loss": "kd", "sdd_weight": "2",
+               "sdd_inconsistent_weight": "3", "mlkd_ce_weight": "0.3", "mlkd_weight": "2",
+               "ctkd_loss": "dkd", "ctkd_ce_weight": "0.3", "ctkd_weight": "2", "ctkd_t_min": "2",
+               "ctkd_t_max": "10", "ctkd_lambda_min": "0.5", "ctkd_lambda_max": "2",
+               "ctkd_lambda_epochs": "5"}
     assert set(changed) == {flag for flags in METHOD_FLAGS.values() for flag in flags}
     base = ["--data_dir", fake_data, "--no-download", "--nce_k", "100"]  # 300 images: 297 others
     train = distill_student.training_file(parser.parse_args(base))  # no flag moves it
@@ -127,7 +152,12 @@ def test_each_method_reads_exactly_its_flags(fake_data, monkeypatch):
             connect = entry.connector(args, None, None, train)
             connect(keys, labels)  # a second step reads what the first left (CRD's memory)
             inputs.append(connect(keys, labels))
-        value = (distill_student.loss_at(args, 2)(*inputs)[0].item(),)
+        total = distill_student.loss_at(args, 2)(*inputs)[0]
+        value = (total.item(),)
+        params = list(connect.parameters()) if entry.connector else []
+        if params and total.requires_grad:  # CTKD's curriculum acts on its gradient alone
+            value += tuple(g.sum().item() for g in torch.autograd.grad(
+                total, params, allow_unused=True, materialize_grads=True))
         if entry.init:
             init_inputs = [*inputs[:3], entry.init.connect(connect, keys, labels)]
             value += (entry.init.loss(args)(*init_inputs)[0].item(), args.init_epochs,
@@ -278,6 +308,6 @@ def test_help_names_where_the_run_flags_go(capsys):
         study.build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "every run, one value: --amp" in text and "--epochs" in text
-    assert "every distilled run: --method --teacher_ckpt" in text
+    assert "every distilled run: --dot_delta --method --optimizer --teacher_ckpt" in text
     assert "  fitnet: --ce_weight --hint_weight --hint_stage" in text
     assert "(default: None)" not in text

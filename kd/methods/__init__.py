@@ -13,7 +13,8 @@ import importlib
 from kd.methods.common import SHARED_FLAGS, Method
 
 NAMES = ("kd", "dkd", "dist", "fitnet", "crd", "reviewkd", "at", "pkt", "rkd", "sp", "nst", "cc",
-         "vid", "ofd", "kdsvd", "ab", "ft", "fsp")  # --method's choices, in this order
+         "vid", "ofd", "kdsvd", "ab", "ft", "fsp", "wttm",
+         "itrd", "sdd", "mlkd", "ctkd")  # --method's choices, in this order
 METHODS: dict[str, Method] = {name: importlib.import_module(f"kd.methods.{name}").METHOD
                               for name in NAMES}
 DEFAULT = NAMES[0]
