@@ -46,7 +46,7 @@ from kd.losses import ce_loss
 from kd.methods import DEFAULT, METHODS, add_flags as add_method_flags
 from kd.metrics import fine_to_coarse, split_metrics
 from kd.models import NUM_CLASSES, build_student, build_teacher
-from kd.optim import make_optimization
+from kd.optim import DOT_DELTA, make_optimization
 from kd.timing import device_name, measure
 from kd.train import CUDNN_BENCHMARK, Step, train_step
 
@@ -64,6 +64,7 @@ class Config:
     cached: bool = False  # KD: the teacher's logits come from a kd.cache.TeacherCache lookup
     train: bool = True  # False: evaluation passes
     method: str = DEFAULT  # distill_student.py's --method, with its defaults (and connector)
+    optimizer: str = "sgd"  # distill_student.py's --optimizer (dot: at its default --dot_delta)
 
 
 CONFIGS = {c.name: c for c in [
@@ -76,13 +77,16 @@ CONFIGS = {c.name: c for c in [
     Config("kd_t32", student=True, img_size=32, kd=True),
     Config("kd_cached", student=True, kd=True, cached=True),
     *(Config(f"{name}_t32", student=True, img_size=32, kd=True, method=name)
-      for name, method in METHODS.items() if method.connector),  # each feature method
+      for name in METHODS if name != DEFAULT),  # each other method, at its defaults
+    Config("kd_dot_t32", student=True, img_size=32, kd=True, optimizer="dot"),
     Config("eval_student", student=True, train=False),
     Config("eval_teacher_224", student=False, img_size=224, train=False),
 ]}
 CUDA_CONFIGS = [name for name in CONFIGS if name != "kd_t32"]
-FEATURE_CONFIGS = [name for name, config in CONFIGS.items() if METHODS[config.method].connector]
-SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", *FEATURE_CONFIGS,
+# the rows of another method or optimizer than kd_t32's, each compared with it
+METHOD_CONFIGS = [name for name, config in CONFIGS.items()
+                  if config.method != DEFAULT or config.optimizer != "sgd"]
+SMALL_CONFIGS = ["teacher_32", "student_ce", "kd_t32", "kd_cached", *METHOD_CONFIGS,
                  "eval_student"]
 
 
@@ -220,10 +224,12 @@ def bench_train(config: Config, variant: Variant, loader: DeviceLoader, args: ar
     train_args.amp, train_args.amp_dtype = variant.dtype != "fp32", variant.dtype
     connector = feature_connector(config, train_args, model, teacher, loader.split)
     trained = nn.ModuleList([model, connector]) if connector else model
-    opt = make_optimization(train_args, trained, 10**6, device)
+    dot = config.optimizer == "dot"
+    opt = make_optimization(train_args, trained, 10**6, device,
+                            dot_delta=DOT_DELTA if dot else None)
     loss_fn = METHODS[config.method].loss_at(train_args, 1) if config.kd else ce_loss
-    if variant.compile:  # as kd.train.fit compiles
-        model, loss_fn = torch.compile(model), torch.compile(loss_fn)
+    if variant.compile:  # as kd.train.fit compiles (DOT's loss stays eager)
+        model, loss_fn = torch.compile(model), loss_fn if dot else torch.compile(loss_fn)
         teacher = torch.compile(teacher) if teacher is not None else None
     teacher_logits = None  # as kd.train.fit hands them to train_step
     if config.cached:  # random logits: the lookup costs the same
@@ -361,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     for variant in variants(args):
         for config in (CONFIGS[name] for name in args.configs):
+            if config.optimizer == "dot" and variant.dtype == "fp16":
+                continue  # DOT refuses the fp16 gradient scaler (kd.optim.make_optimization)
             if variant.compile:
                 # else each new model recompiles the same code, past dynamo's limit
                 torch._dynamo.reset()
@@ -375,18 +383,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_ratios(report: dict) -> None:
-    """KD with the cache and each feature method against the CE step (the cache's targets:
-    0.87x on CPU, 0.9x on CUDA), and the feature methods against online KD with the same
+    """KD with the cache and each other method (or optimizer) against the CE step (the cache's
+    targets: 0.87x on CPU, 0.9x on CUDA), and the other methods against online KD with the same
     teacher, per variant."""
     rows = {(r["config"], r["dtype"], r["channels_last"], r["compile"]): r for r in report["train"]}
     for (name, *variant), row in rows.items():
         for base in ("student_ce", "kd_t32"):
             other = rows.get((base, *variant))
-            feature = name in FEATURE_CONFIGS
-            if other and (feature or (name, base) == ("kd_cached", "student_ce")):
+            method = name in METHOD_CONFIGS
+            if other and (method or (name, base) == ("kd_cached", "student_ce")):
                 row[f"vs_{base}"] = row["img_per_s"] / other["img_per_s"]
                 extra = f", connector {row['connector_params'] / 1e6:.2f} M parameters" \
-                    if feature else ""
+                    if "connector_params" in row else ""
                 print(f"{name} / {base} ({'/'.join(map(str, variant))}): "
                       f"{row[f'vs_{base}']:.2f}x its img/s{extra}", flush=True)
 

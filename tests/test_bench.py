@@ -12,20 +12,21 @@ from helpers import assert_one_line_error, run_in_process
 import kd.bench
 import kd.inference
 import kd.train
-from kd.methods import METHODS, flag_defaults
+from kd.methods import DEFAULT, METHODS, flag_defaults
 
 
 @pytest.mark.slow  # the benchmark: seconds of every configuration
 def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     out = tmp_path / "bench.json"
-    # the quick CPU configs but most feature rows (each a method's connector, built and stepped
-    # the same way): a parameter-free one, a memory bank, one from a pre-activation tap
-    feature_rows = {f"{name}_t32" for name, method in METHODS.items() if method.connector}
-    assert set(kd.bench.FEATURE_CONFIGS) == feature_rows
+    # the quick CPU configs but most method rows (each a method at its defaults, its connector
+    # built and stepped the same way): a parameter-free connector, a memory bank, one from a
+    # pre-activation tap, MLKD's strong views, and DOT's two backward passes
+    method_rows = {f"{name}_t32" for name in METHODS if name != DEFAULT} | {"kd_dot_t32"}
+    assert set(kd.bench.METHOD_CONFIGS) == method_rows
     assert set(kd.bench.SMALL_CONFIGS) == {"teacher_32", "student_ce", "kd_t32", "kd_cached",
-                                           "eval_student", *feature_rows}
-    measured = ["at_t32", "crd_t32", "ofd_t32"]
-    configs = [c for c in kd.bench.SMALL_CONFIGS if c not in feature_rows or c in measured]
+                                           "eval_student", *method_rows}
+    measured = ["at_t32", "crd_t32", "ofd_t32", "mlkd_t32", "kd_dot_t32"]
+    configs = [c for c in kd.bench.SMALL_CONFIGS if c not in method_rows or c in measured]
     result = in_process(kd.bench.main, ["--quick", "--device", "cpu", "--images", "128",
                                         "--batch_size", "32", "--repeats", "1", "--json", out,
                                         "--configs", ",".join(configs)])
@@ -43,10 +44,12 @@ def test_quick_cpu_run_reports_every_stage(tmp_path, in_process):
     assert train["kd_cached"]["vs_student_ce"] > 0 and report["cache_build"]["views_per_s"] > 0
     ratio = lambda name, base: train[name]["img_per_s"] / train[base]["img_per_s"]
     assert train["kd_cached"]["vs_student_ce"] == pytest.approx(ratio("kd_cached", "student_ce"))
-    for name in measured:  # the feature methods' cost, against the CE step and online kd
+    for name in measured:  # the other methods' cost, against the CE step and online kd
         for base in ("student_ce", "kd_t32"):
             assert train[name][f"vs_{base}"] == pytest.approx(ratio(name, base))
-        assert (train[name]["connector_params"] == 0) == (name == "at_t32")  # parameter-free
+    params = {name: train[name].get("connector_params") for name in measured}
+    assert params["crd_t32"] > 0 and params["ofd_t32"] > 0 and params["kd_dot_t32"] is None
+    assert params["at_t32"] == params["mlkd_t32"] == 0  # parameter-free connectors
     assert train["crd_t32"]["nce_k"] == flag_defaults()["nce_k"]  # distill_student.py's default
     assert all(row["img_per_s"] > 0 and row["dtype"] == "fp32" for row in train.values())
     for name in ("student_ce", "kd_t32", "kd_cached", "crd_t32"):
