@@ -1,12 +1,20 @@
 """study.py --launcher slurm without a cluster: stand-in sbatch, srun, sinfo and sacct on PATH
 check what is submitted (the sbatch files), recorded and resubmitted; the refusals; the DDP
 variables a job's tasks get. The runs themselves, through submitit's local executor, are in
-test_study_runs.py (the tiny study) and test_resume.py (a preempted run)."""
+test_study_runs.py (the tiny study) and test_resume.py (a preempted run).
+
+These tests never reach a real scheduler, even on a login node: their PATH is the stand-ins, a
+folder of the few tools the stand-ins and submitit use (and the interpreter), and after them
+decoys of every SLURM command, which fail any test that calls them (the fixture `slurm`).
+Nothing of the user's PATH, nor os.defpath (/usr/bin, where Debian's slurm-wlm installs), is on
+it."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,19 +37,62 @@ SINFO = "#!/bin/sh\nprintf 'gpu*\\ncpu\\ngpu*\\n'\n"
 SACCT = "#!/bin/sh\necho 'JobID|State|NodeList'\ncat \"$FAKE_SLURM/sacct.txt\" 2>/dev/null\n"
 
 
+# Every command of a SLURM installation a launcher could call, and what the stand-ins need
+SLURM_COMMANDS = ("sbatch", "srun", "sinfo", "sacct", "scontrol", "scancel", "squeue", "salloc",
+                  "sstat", "sacctmgr")
+TOOLS = ("sh", "ls", "wc", "cp", "cat", "env")
+DECOY = "#!/bin/sh\necho \"$0 $*\" >> \"$FAKE_SLURM/reached\"\nexit 1\n"
+
+
+def write_commands(folder: Path, commands: dict[str, str]) -> Path:
+    folder.mkdir()
+    for name, text in commands.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def tools_only(folder: Path) -> Path:
+    """A folder of links to the tools the stand-ins and submitit use, and this interpreter."""
+    folder.mkdir()
+    for name in TOOLS:
+        (folder / name).symlink_to(shutil.which(name))
+    (folder / "python").symlink_to(sys.executable)
+    return folder
+
+
+def search_path(*folders: Path) -> str:
+    return os.pathsep.join(map(str, folders))
+
+
 @pytest.fixture
-def slurm(tmp_path, monkeypatch) -> Path:
-    """A folder of stand-in SLURM commands, first on PATH; what they saw is kept there."""
-    bin_dir = tmp_path / "slurm"
-    bin_dir.mkdir()
-    for name, text in [("sbatch", SBATCH), ("sinfo", SINFO), ("sacct", SACCT),
-                       ("srun", "#!/bin/sh\nexit 0\n")]:
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def slurm(tmp_path, monkeypatch):
+    """A folder of stand-in SLURM commands, first on a PATH of stand-ins, tools and decoys (the
+    module docstring); what the stand-ins saw is kept there. A test that called a decoy fails."""
+    bin_dir = write_commands(tmp_path / "slurm", {
+        "sbatch": SBATCH, "sinfo": SINFO, "sacct": SACCT, "srun": "#!/bin/sh\nexit 0\n"})
+    decoys = write_commands(tmp_path / "decoys", dict.fromkeys(SLURM_COMMANDS, DECOY))
+    monkeypatch.setenv("PATH", search_path(bin_dir, tools_only(tmp_path / "tools"), decoys))
     monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
     submitit.SlurmJob.watcher.clear()  # shared by the jobs of this process: no state carried over
-    return bin_dir
+    yield bin_dir
+    reached = bin_dir / "reached"
+    assert not reached.exists(), f"a test reached past the stand-ins: {reached.read_text()}"
+
+
+def test_the_slurm_path_holds_only_stand_ins_tools_and_decoys(slurm, tmp_path):
+    """Whatever SLURM this machine has, the tests see only the stand-ins, then decoys (the
+    commands the stand-ins leave out); no folder of the user's PATH or os.defpath."""
+    folders = os.environ["PATH"].split(os.pathsep)
+    assert folders == [str(slurm), str(tmp_path / "tools"), str(tmp_path / "decoys")]
+    for name in SLURM_COMMANDS:
+        found = Path(shutil.which(name))
+        assert found.parent in (slurm, tmp_path / "decoys"), name
+    assert shutil.which("scontrol") == str(tmp_path / "decoys" / "scontrol")
+    subprocess.run(["scontrol", "requeue", "1001"], capture_output=True)  # as a launcher would
+    reached = (slurm / "reached").read_text()
+    assert "scontrol requeue 1001" in reached
+    (slurm / "reached").unlink()  # the decoy works; the fixture's check stays for the others
 
 
 @pytest.fixture
@@ -128,12 +179,15 @@ def test_slurm_refusals_are_one_line_and_write_nothing(slurm, study_argv, tmp_pa
             (["--sbatch", "=x"], "--sbatch =x: give an #SBATCH option as KEY=VALUE")]:
         assert_one_line_error(in_process("study.py", [*study_argv, *flags]), phrase)
         assert not out.exists()
+    tools = tmp_path / "tools"
     (slurm / "sacct").rename(slurm / "sacct.off")  # no accounting: --wait could never end
-    assert_one_line_error(in_process("study.py", [*study_argv, "--wait"]), "--wait: no sacct")
+    with monkeypatch.context() as m:
+        m.setenv("PATH", search_path(slurm, tools))  # and no decoy sacct after the stand-ins
+        assert_one_line_error(in_process("study.py", [*study_argv, "--wait"]), "--wait: no sacct")
     assert not out.exists()
     (slurm / "sacct.off").rename(slurm / "sacct")
     with monkeypatch.context() as m:
-        m.setenv("PATH", os.defpath)  # no SLURM here
+        m.setenv("PATH", str(tools))  # no SLURM command at all
         missing = in_process("study.py", study_argv)
     assert_one_line_error(missing, "--launcher slurm: no sbatch or srun on PATH",
                           "--launcher local runs the study on this machine")
