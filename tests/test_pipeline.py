@@ -185,7 +185,7 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--method", "crd", "--teacher_cache", "cache.pt"], "reads more of the teacher than the logit cache"),
     (["--method", "crd", "--nce_k", "298"], "--nce_k 298: more negatives than the 297"),
     (["--method", "fitnet", "--hint_stage", "5"], "--hint_stage: invalid choice: 5"),
-    (["--method", "fitnet", "--logit_std"], "--logit_std is read by --method kd, dkd, not by "
+    (["--method", "fitnet", "--logit_std"], "--logit_std is read by --method kd, dkd, ctkd, not by "
                                             "fitnet"),
     (["--method", "dist", "--alpha", "0.3"], "--alpha is read by --method kd, not by dist"),
     (["--method", "fitnet", "--hint_weight", "inf"], "--hint_weight: must be a finite number"),

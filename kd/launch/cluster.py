@@ -55,9 +55,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout_min", type=positive_int, default=240,
                    help="time limit of each job in minutes; a run that reaches it is requeued "
                         "and resumes from its last.pt")
-    g.add_argument("--gpus_per_run", type=positive_int, default=1,
+    g.add_argument("--gpus_per_run", type=number(int, 0), default=1,
                    help="GPUs of each run on each of its nodes: one task per GPU, DDP as "
-                        "under torchrun")
+                        "under torchrun; 0: one task on CPUs alone (a cluster without GPUs)")
     g.add_argument("--nodes_per_run", type=positive_int, default=1, help="nodes of each run")
     g.add_argument("--gpus_per_node", type=positive_int, default=8,
                    help="GPUs of the partition's nodes (checks --gpus_per_run)")
@@ -150,10 +150,10 @@ def executor(args: argparse.Namespace, out_dir: str) -> submitit.AutoExecutor:
                                local_max_num_timeout=args.max_requeues,
                                slurm_python=python, local_python=python)
     gpus = min(args.gpus_per_run, torch.cuda.device_count()) if local else args.gpus_per_run
+    tasks = max(1, args.gpus_per_run)  # --gpus_per_run 0: one task, on CPUs
     ex.update_parameters(name="study", timeout_min=args.timeout_min, nodes=args.nodes_per_run,
-                         tasks_per_node=args.gpus_per_run, gpus_per_node=gpus,
-                         cpus_per_task=args.cpus_per_gpu,
-                         mem_gb=args.mem_gb_per_gpu * args.gpus_per_run,
+                         tasks_per_node=tasks, gpus_per_node=gpus,
+                         cpus_per_task=args.cpus_per_gpu, mem_gb=args.mem_gb_per_gpu * tasks,
                          slurm_partition=args.partition, slurm_signal_delay_s=120,
                          slurm_array_parallelism=args.array_parallelism,
                          slurm_additional_parameters=sbatch_options(args.sbatch) or None)
