@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from kd.errors import UserError
 
@@ -76,11 +78,13 @@ def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, *, sync_bn: bool
-             ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(model to save and evaluate, module to train through): the same module in one process;
-    under torchrun the second is its DistributedDataParallel wrapper (SyncBatchNorm if asked)."""
-    if world.size == 1:
+def wrap_ddp(model: nn.Module, world: World, device: torch.device, *, sync_bn: bool
+             ) -> tuple[nn.Module, nn.Module]:
+    """(model to save and evaluate, module to train through): the same module in one process,
+    or without trainable parameters (a connector that only reads the taps); under torchrun the
+    second is its DistributedDataParallel wrapper (SyncBatchNorm if asked). The student and a
+    feature method's connector get a wrapper each, with these same bucket settings."""
+    if world.size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model, model
     if sync_bn:
         if device.type != "cuda":
@@ -96,10 +100,16 @@ def wrap_ddp(model: torch.nn.Module, world: World, device: torch.device, *, sync
     return model, ddp
 
 
-def broadcast_buffers(model: torch.nn.Module, world: World) -> None:
+def norm_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of module's BatchNorm layers: each rank's own during an epoch
+    (DDP does not sync buffers at every forward), rank 0's given to all after it."""
+    return [b for m in module.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+
+
+def broadcast_buffers(module: nn.Module, world: World) -> None:
     """Give every rank rank 0's BatchNorm statistics, which is what the checkpoint holds."""
     if world.size > 1:
-        for buffer in model.buffers():
+        for buffer in norm_statistics(module):
             dist.broadcast(buffer, src=0)
 
 
@@ -120,16 +130,38 @@ def agreed_stop(stop_requested, world: World, device: torch.device, every: int =
     return should_stop
 
 
-def check_in_sync(model: torch.nn.Module, world: World) -> None:
-    """Fail loudly if the ranks' weights have drifted apart (they never should under DDP)."""
+def check_in_sync(module: nn.Module, world: World) -> None:
+    """Fail loudly if the ranks' weights or state have drifted apart (they never should): the
+    parameters and persistent buffers (a connector's state: CRD's memory bank and Z), BatchNorm's
+    statistics aside (norm_statistics)."""
     if world.size == 1:
         return
+    own = {id(b) for b in norm_statistics(module)}
+    state = [t for t in module.state_dict(keep_vars=True).values()
+             if isinstance(t, torch.Tensor) and id(t) not in own]
     with torch.no_grad():
-        checksum = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksum = torch.stack([t.double().sum() for t in state]).sum().reshape(1)
     parts = [torch.empty_like(checksum) for _ in range(world.size)]
     dist.all_gather(parts, checksum)
     if any(not torch.equal(p, checksum) for p in parts):
         raise RuntimeError(f"rank weights differ across processes: {[p.item() for p in parts]}")
+
+
+def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a training step concatenated in rank order, which is the global
+    batch's order (kd.data.DeviceLoader; itself in a single process). No gradient flows back."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def max_across_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,11 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     train_loader, eval_loaders, class_to_coarse = load_data(args, device, world)
     model_without_ddp, model = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world,
                                         device, sync_bn=args.sync_bn)
-    connector = teacher.connector.to(device) if teacher and teacher.connector else None
-    trained = nn.ModuleList([model_without_ddp, connector]) if connector else model
+    connector = train_connector = None
+    if teacher and teacher.connector:  # its own DDP wrapper, if it has weights to train
+        connector, train_connector = wrap_ddp(teacher.connector.to(device), world, device,
+                                              sync_bn=args.sync_bn)
+    trained = nn.ModuleList([model_without_ddp, connector]) if connector else model_without_ddp
     opt = make_optimization(args, trained, len(train_loader), device, dot_delta=dot_delta)
     record = restore(args, start, model_without_ddp, connector, opt, run_info)
     if record.epoch >= args.epochs:
@@ -125,12 +128,13 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
         loss_fn = loss_at(args, epoch)
         if args.compile and dot_delta is None:  # DOT reads dL/d(ce) off an eager loss's graph
             loss_fn = torch.compile(loss_fn)
-        step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt, connector)
+        step = Step(model, teacher.train_logits if teacher else None, loss_fn, opt,
+                    train_connector)
         with resume_hint(record.saved_epoch, record.init.get("epoch", 0)):
             stats = train_one_epoch(step, train_loader, epoch, should_stop,
                                     show_progress=world.is_main)
-        check_in_sync(model_without_ddp, world)
-        broadcast_buffers(model_without_ddp, world)
+        check_in_sync(trained, world)
+        broadcast_buffers(trained, world)
         logits = predict_splits(eval_model, eval_loaders, opt.autocast, world)
         metrics = eval_metrics(logits, eval_loaders, class_to_coarse, teacher_logits)
         blob = logits_record(logits, eval_loaders, epoch, teacher_logits) if world.is_main else None

@@ -17,11 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
-from kd.data import NUM_VIEWS, Split
+from kd.data import NUM_VIEWS, Split, derive_seed
+from kd.distributed import average_across_ranks, gather_batch, rank_and_size
 from kd.errors import UserError
 from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
+
+# derive_seed's rank argument for the negatives' stream: above any process count, so the
+# stream is no process's own (dropout's)
+NEGATIVES_STREAM = 65_536
 
 
 def contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -74,16 +79,25 @@ class ContrastMemory(nn.Module):
     the scores [B, 1 + nce_k]: exp(<memory row, embedding> / nce_t) / Z, the student's embedding
     against the teacher memory and the teacher's against the student memory, Z fixed at the
     first step as the mean score times num_data, the number of training images. All in float32,
-    autocast or not. The memories and Z are buffers: they are saved with the connector in
-    last.pt, so a resumed run continues exactly.
+    autocast or not. The memories and Z are buffers, and the number of steps taken is the
+    connector's extra state: all are saved with it in last.pt, so a resumed run continues
+    exactly.
+
+    Under torchrun every rank holds the same memories and Z, as DDP keeps the embeddings equal:
+    each step updates the memories with the embeddings of the whole global batch (gathered from
+    all ranks), Z is the global batch's mean score (averaged over the ranks), and the negatives
+    of the global batch are drawn from --seed and the step alone, each rank taking its own rows
+    (not from torch's RNG, which kd.train.fit seeds per rank). A run's negatives are thereby the
+    same on any number of processes.
     """
 
     def __init__(self, student: features.Taps, teacher: features.Taps, labels: torch.Tensor,
-                 feat_dim: int, nce: tuple[int, float, float]):
+                 feat_dim: int, nce: tuple[int, float, float], seed: int):
         """labels: the label of each image of the training file by its position, -1 for the
-        images held out (--val_size); nce: (nce_k, nce_t, nce_m)."""
+        images held out (--val_size); nce: (nce_k, nce_t, nce_m); seed: --seed, of the
+        negatives."""
         super().__init__()
-        self.taps = (student, teacher)
+        self.taps, self.seed, self.steps = (student, teacher), seed, 0
         self.nce_k, self.nce_t, self.nce_m = nce
         self.embed_s = Embed(student.shapes[-1][0], feat_dim)
         self.embed_t = Embed(teacher.shapes[-1][0], feat_dim)
@@ -104,10 +118,22 @@ class ContrastMemory(nn.Module):
         self.register_buffer("class_count", counts, persistent=False)
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The steps taken (the next negatives' draw), saved with the connector."""
+        return torch.tensor(self.steps)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.steps = int(state)
+
     def negatives(self, labels: torch.Tensor) -> torch.Tensor:
-        """[B, nce_k] file positions of training images of another class than each label."""
+        """[B, nce_k] file positions of training images of another class than each label: the
+        rank's rows of the global batch's draw, from --seed and the step."""
+        rank, size = rank_and_size()
+        generator = torch.Generator(device=labels.device)
+        generator.manual_seed(derive_seed(self.seed, self.steps, NEGATIVES_STREAM))
+        draw = torch.rand(len(labels) * size, self.nce_k, generator=generator,
+                          device=labels.device)[rank * len(labels):(rank + 1) * len(labels)]
         count, start = self.class_count[labels][:, None], self.class_start[labels][:, None]
-        draw = torch.rand(len(labels), self.nce_k, device=labels.device)
         r = (draw * (self.num_data - count)).long()  # uniform over the other classes' images
         return self.by_class[r + count * (r >= start)]
 
@@ -124,12 +150,16 @@ class ContrastMemory(nn.Module):
         rows = torch.cat([index[:, None], self.negatives(labels)], dim=1)
         scores_t = torch.exp(torch.bmm(self.memory_s[rows], v_t[:, :, None])[..., 0] / self.nce_t)
         scores_s = torch.exp(torch.bmm(self.memory_t[rows], v_s[:, :, None])[..., 0] / self.nce_t)
-        with torch.no_grad():  # Z once, on the device: no host sync
-            first = torch.stack([scores_s.mean(), scores_t.mean()]) * self.num_data
-            self.z.copy_(torch.where(self.z < 0, first, self.z))
+        with torch.no_grad():
+            if self.steps == 0:  # Z once, the global batch's: every rank's shard is as large
+                first = torch.stack([scores_s.mean(), scores_t.mean()]) * self.num_data
+                self.z.copy_(average_across_ranks(first))
+            index = gather_batch(index)
             for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                v = gather_batch(v.detach())
                 moved = memory[index] * self.nce_m + v * (1 - self.nce_m)
                 memory.index_copy_(0, index, F.normalize(moved, dim=1, eps=0.0))
+        self.steps += 1
         return scores_s / self.z[0], scores_t / self.z[1], self.num_data
 
 
@@ -137,7 +167,7 @@ def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
               train: Split) -> ContrastMemory:
     taps = features.student_taps(student)
     return ContrastMemory(taps, features.teacher_taps(teacher, taps), train.labels, args.feat_dim,
-                          (args.nce_k, args.nce_t, args.nce_m))
+                          (args.nce_k, args.nce_t, args.nce_m), args.seed)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
