@@ -12,6 +12,7 @@ PIL's arithmetic on uint8 (truncating blends, its grey level, nearest-neighbour 
 centres, black fill), so a view is the one PIL would give for the same draws, up to float
 rounding at a few pixels (tests/test_mlkd.py compares them).
 """
+import functools
 import math
 
 import torch
@@ -139,12 +140,20 @@ OPS = {"autocontrast": (autocontrast, 0, 1), "brightness": (brightness, 0.05, 0.
        "translate_x": (None, -0.3, 0.3), "translate_y": (None, -0.3, 0.3)}
 
 
+@functools.cache
+def _on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operations' magnitude bounds and Cutout's fill on the device, copied there once (a
+    tensor made from Python numbers on CUDA is a host copy that waits for the device)."""
+    low, high = torch.tensor([bounds for _, *bounds in OPS.values()]).to(device).unbind(1)
+    return low, high, torch.tensor(CUTOUT_FILL, dtype=torch.uint8).view(1, 3, 1, 1).to(device)
+
+
 def rand_augment_op(x: torch.Tensor) -> torch.Tensor:
     """One RandAugment operation per image of a uint8 batch [B, 3, H, W], each image's operation
     and magnitude drawn uniformly (low + (high - low) * U(0, 1), as the reference)."""
     n, device = len(x), x.device
     op = torch.randint(len(OPS), (n,), device=device)
-    low, high = torch.tensor([bounds for _, *bounds in OPS.values()], device=device).unbind(1)
+    low, high, _ = _on(device)
     v = low[op] + (high[op] - low[op]) * torch.rand(n, device=device)
     drew = lambda i, dims: (op == i).view(-1, *[1] * dims)
     geometry, matrix = _geometry(v, x.shape[-1]), torch.eye(2, 3, device=device).expand(n, 2, 3)
@@ -167,19 +176,20 @@ def cutout(x: torch.Tensor) -> torch.Tensor:
     side = torch.rand(n, device=x.device) * CUTOUT_MAX * w
     centre = 1 + (w - 1) * torch.rand(2, n, device=x.device)
     start = (centre - side / 2).clamp_min(0).floor()
-    end = torch.minimum(start + side, torch.tensor(float(w), device=x.device)).floor()
+    end = (start + side).clamp_max(w).floor()
     ramp = torch.arange(w, device=x.device)
     inside = lambda axis: (ramp >= start[axis, :, None]) & (ramp <= end[axis, :, None])
     box = (inside(1)[:, :, None] & inside(0)[:, None, :] & (side > 0)[:, None, None])[:, None]
-    fill = torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=x.device).view(1, 3, 1, 1)
-    return torch.where(box, fill, x)
+    return torch.where(box, _on(x.device)[2], x)
 
 
 def strong_view(images: torch.Tensor) -> torch.Tensor:
     """The strong view of uint8 images [B, 3, 32, 32]: a fresh random crop of the 4-pixel
     zero-padded image and flip (as the weak view's, drawn anew), NUM_OPS RandAugment operations,
-    Cutout. uint8, on the images' device."""
-    x = view_pixels(images, draw_views(len(images), None, images.device))
-    for _ in range(NUM_OPS):
-        x = rand_augment_op(x)
-    return cutout(x)
+    Cutout. uint8, on the images' device; outside autocast, whose bf16 convolution would round
+    the sharpness filter's sums."""
+    with torch.autocast(images.device.type, enabled=False):
+        x = view_pixels(images, draw_views(len(images), None, images.device))
+        for _ in range(NUM_OPS):
+            x = rand_augment_op(x)
+        return cutout(x)

@@ -102,7 +102,10 @@ def test_strong_views_follow_the_rng_and_differ_per_image():
     b = augment.strong_view(x)
     torch.manual_seed(1)
     c = augment.strong_view(x)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a training step
+        in_autocast = augment.strong_view(x)
+    assert torch.equal(a, b) and torch.equal(a, in_autocast) and not torch.equal(a, c)
     assert a.dtype == torch.uint8 and a.shape == x.shape
     copies = augment.strong_view(x[:1].expand(8, -1, -1, -1).contiguous())
     assert len({view.numpy().tobytes() for view in copies}) == 8  # each image draws its own
@@ -166,6 +169,10 @@ def test_terms_are_named_and_float32_from_bf16():
     loss, terms = mlkd.mlkd_objective(z[0], z[1], torch.arange(8), (z[2], z[3]), 4.0, 0.1, 0.9)
     assert list(terms) == ["ce", "instance", "class", "batch"]
     assert loss.dtype == torch.float32 and all(t > 0 for t in terms.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the correlations' products stay float32
+        _, in_autocast = mlkd.mlkd_objective(z[0], z[1], torch.arange(8), (z[2], z[3]), 4.0,
+                                             0.1, 0.9)
+    assert all(torch.equal(in_autocast[k], terms[k]) for k in terms)
 
 
 def test_the_connector_runs_both_models_on_strong_views_and_holds_no_state():

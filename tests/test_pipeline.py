@@ -182,7 +182,8 @@ def test_overwrite_never_deletes_the_teacher(runs, fake_data, monkeypatch, capsy
     (["--batch_size", "100000"], "larger than the 300 training images"),
     (["--teacher_ckpt", "missing.pt"], "--teacher_ckpt missing.pt does not exist (train_"),
     (["--resume"], "no last.pt"),
-    (["--method", "crd", "--teacher_cache", "cache.pt"], "reads more of the teacher than the logit cache"),
+    (["--method", "crd", "--teacher_cache", "cache.pt"],
+     "reads more of the teacher than the logit cache"),
     (["--method", "crd", "--nce_k", "298"], "--nce_k 298: more negatives than the 297"),
     (["--method", "fitnet", "--hint_stage", "5"], "--hint_stage: invalid choice: 5"),
     (["--method", "fitnet", "--logit_std"], "--logit_std is read by --method kd, dkd, ctkd, not by "

@@ -49,10 +49,10 @@ def assert_same(ours_fn, reference_fn, trained: list[torch.Tensor], fixed: list[
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def reference_wttm(y_s, y_t, l):
+def reference_wttm(y_s, y_t, gamma):
     """TTM's distiller_zoo/wttm.py, WTTM.forward."""
     p_s = F.log_softmax(y_s, dim=1)
-    p_t = torch.pow(torch.softmax(y_t, dim=1), l)
+    p_t = torch.pow(torch.softmax(y_t, dim=1), gamma)
     norm = torch.sum(p_t, dim=1)
     p_t = p_t / norm.unsqueeze(1)
     KL = torch.sum(F.kl_div(p_s, p_t, reduction='none'), dim=1)

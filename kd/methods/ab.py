@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from kd import features
+from kd.data import Split
 from kd.flags import positive_float
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce
@@ -79,7 +80,7 @@ class StageConnectors(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> StageConnectors:
+              train: Split) -> StageConnectors:
     return StageConnectors(*features.preact_taps(student, teacher))
 
 

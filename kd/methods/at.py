@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.flags import number
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
@@ -46,7 +47,7 @@ def at_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> features.PairedTaps:
+              train: Split) -> features.PairedTaps:
     return features.paired_taps(student, teacher, list(range(features.STAGES)))
 
 

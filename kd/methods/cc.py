@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
 
@@ -54,7 +55,7 @@ class CorrelationEmbed(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> CorrelationEmbed:
+              train: Split) -> CorrelationEmbed:
     taps = features.student_taps(student)
     return CorrelationEmbed(taps, features.teacher_taps(teacher, taps), args.feat_dim)
 

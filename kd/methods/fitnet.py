@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
 
@@ -56,7 +57,7 @@ class HintRegressor(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> HintRegressor:
+              train: Split) -> HintRegressor:
     taps = features.student_taps(student)
     return HintRegressor(taps, features.teacher_taps(teacher, taps), args.hint_stage)
 

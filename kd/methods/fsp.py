@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.ab import StageConnectors, ce_objective
 from kd.methods.common import Method
@@ -54,7 +55,7 @@ def init_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> StageConnectors:
+              train: Split) -> StageConnectors:
     return StageConnectors(*features.stage_taps(student, teacher))
 
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
 from kd.train import InitStage
@@ -105,7 +106,7 @@ class FactorConnector(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> FactorConnector:
+              train: Split) -> FactorConnector:
     taps = features.student_taps(student)
     return FactorConnector(taps, features.teacher_taps(teacher, taps))
 

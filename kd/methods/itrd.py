@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.flags import positive_float
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
@@ -71,9 +72,11 @@ def mutual_loss(student_embedding: torch.Tensor, teacher_feature: torch.Tensor
 
 def itrd_losses(student_embedding: torch.Tensor, teacher_feature: torch.Tensor, alpha: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_corr, L_mutual)."""
-    return (correlation_loss(student_embedding, teacher_feature, alpha),
-            mutual_loss(student_embedding, teacher_feature))
+    """(L_corr, L_mutual), in float32 (or wider) under autocast too: the Gram matrices' products
+    would be bf16, and L_mutual, a difference of two sums, loses its digits to that rounding."""
+    with torch.autocast(student_embedding.device.type, enabled=False):
+        return (correlation_loss(student_embedding, teacher_feature, alpha),
+                mutual_loss(student_embedding, teacher_feature))
 
 
 def itrd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -107,7 +110,7 @@ class ITREmbed(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> ITREmbed:
+              train: Split) -> ITREmbed:
     taps = features.student_taps(student)
     return ITREmbed(taps, features.teacher_taps(teacher, taps))
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.flags import positive_int
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
@@ -78,7 +79,7 @@ def kdsvd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> features.PairedTaps:
+              train: Split) -> features.PairedTaps:
     return features.paired_taps(student, teacher, list(range(features.STAGES)))
 
 

@@ -25,6 +25,7 @@ device. Terms: 'ce' (both views' CE), 'instance', 'class', 'batch'.
 """
 import argparse
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -53,12 +54,17 @@ def correlation_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     level), or P P^T and n = B (batch level)."""
     p_s, p_t = F.softmax(student_logits / tau, dim=1), F.softmax(teacher_logits / tau, dim=1)
     gram = (lambda p: p.T @ p) if over_classes else (lambda p: p @ p.T)
-    return (gram(p_t) - gram(p_s)).pow(2).sum() / p_s.shape[1 if over_classes else 0]
+    with torch.autocast(p_s.device.type, enabled=False):  # float32 products, autocast or not
+        return (gram(p_t) - gram(p_s)).pow(2).sum() / p_s.shape[1 if over_classes else 0]
 
 
 def below_median(values: torch.Tensor) -> torch.Tensor:
-    """The fraction of values at or below their median (np.percentile's, 50)."""
-    return (values <= torch.quantile(values, 0.5)).to(values.dtype).mean()
+    """The fraction of values at or below their median: np.percentile's (50), the linear
+    interpolation of the two middle values, from a sort (its positions are known on the host)."""
+    ordered, middle = values.sort().values, (len(values) - 1) / 2
+    low, high = ordered[math.floor(middle)], ordered[math.ceil(middle)]
+    median = low + (high - low) * (middle - math.floor(middle))
+    return (values <= median).to(values.dtype).mean()
 
 
 def mlkd_loss(weak: tuple[torch.Tensor, torch.Tensor], strong: tuple[torch.Tensor, torch.Tensor],

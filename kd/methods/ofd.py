@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
 
@@ -100,7 +101,7 @@ def stage_margins(teacher: nn.Module, taps: features.Taps) -> list[torch.Tensor]
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> Connectors:
+              train: Split) -> Connectors:
     student_taps, teacher_taps = features.preact_taps(student, teacher)
     return Connectors(student_taps, teacher_taps, stage_margins(teacher, teacher_taps))
 

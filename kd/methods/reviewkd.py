@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.flags import number
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, warmed_up, weight
@@ -106,7 +107,7 @@ class ReviewFusion(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> ReviewFusion:
+              train: Split) -> ReviewFusion:
     taps = features.student_taps(student)
     return ReviewFusion(taps, features.teacher_taps(teacher, taps))
 

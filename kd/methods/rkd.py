@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
 
@@ -59,7 +60,7 @@ def rkd_objective(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> features.PairedTaps:
+              train: Split) -> features.PairedTaps:
     return features.paired_taps(student, teacher, [features.STAGES])
 
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, warmed_up, weight
 
@@ -180,7 +181,7 @@ scale_list.__name__ = "str"
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> ScaleRegions:
+              train: Split) -> ScaleRegions:
     taps = features.student_taps(student)
     return ScaleRegions(taps, features.teacher_taps(teacher, taps), heads(student, teacher),
                         scales_of(args.sdd_scales))

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd import features
+from kd.data import Split
 from kd.flags import positive_float
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, weight
@@ -78,7 +79,7 @@ class VariationalRegressors(nn.Module):
 
 
 def connector(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
-              labels: torch.Tensor) -> VariationalRegressors:
+              train: Split) -> VariationalRegressors:
     taps = features.student_taps(student)
     return VariationalRegressors(taps, features.teacher_taps(teacher, taps), args.vid_init_var)
 
