@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kd.methods.crd
 from kd import features
 from kd.errors import UserError
 from kd.methods.crd import ContrastMemory, contrast_loss, crd_loss
@@ -174,6 +175,19 @@ def test_crd_negatives_are_training_images_of_other_classes():
     assert counts[others].min() > 0 and counts[labels <= 0].sum() == 0  # all of them, only them
     with pytest.raises(UserError, match="--nce_k 60: more negatives than the 48"):
         memory(nce_k=60)
+
+
+def test_crd_negatives_are_the_ranks_rows_of_the_global_batchs_draw(monkeypatch):
+    """Drawn from --seed and the step alone (not torch's RNG, seeded per rank): under torchrun
+    rank 1 of 2 gets the second half of what one process draws for the whole global batch."""
+    crd, labels = memory()
+    batch = torch.tensor([0, 1, 2, 5, 4, 6])
+    torch.manual_seed(9)  # a rank's own stream: no effect
+    whole = crd.negatives(labels[batch])
+    monkeypatch.setattr(kd.methods.crd, "rank_and_size", lambda: (1, 2))
+    assert torch.equal(crd.negatives(labels[batch[3:]]), whole[3:])
+    crd.steps += 1
+    assert not torch.equal(crd.negatives(labels[batch[3:]]), whole[3:])  # a new step's draw
 
 
 def test_crd_scores_and_memory_update_match_a_loop():
