@@ -103,7 +103,9 @@ def pre_activation(module: nn.Module, record, keeping) -> None:
     """Hooks that call record(module, inputs, x) when keeping(), x: the module's output before
     its final activation, for the modules our taps read: a torchvision ResNet Bottleneck without
     downsampling (bn3's output plus the block's input: the residual sum its last ReLU reads), a
-    Conv2dNormActivation (its BatchNorm's output), or a block that ends without an activation
+    Conv2dNormActivation (its activation's input, its BatchNorm's output: hooked on the
+    activation, which --sync_bn's SyncBatchNorm conversion leaves in place, where it replaces
+    the BatchNorm and drops its hooks), or a block that ends without an activation
     (MobileNetV3's InvertedResidual: its output). The activations run in place, hence the
     copies."""
     if isinstance(module, Bottleneck) and module.downsample is None:
@@ -112,9 +114,9 @@ def pre_activation(module: nn.Module, record, keeping) -> None:
             lambda m, inputs, output: normalized.update(x=output.clone()) if keeping() else None)
         module.register_forward_hook(lambda m, inputs, output: record(
             m, inputs, normalized.pop("x") + inputs[0]) if "x" in normalized else None)
-    elif isinstance(module, Conv2dNormActivation):
-        module[1].register_forward_hook(lambda m, inputs, output: record(
-            m, inputs, output.clone()) if keeping() else None)
+    elif isinstance(module, Conv2dNormActivation) and len(module) == 3:
+        module[2].register_forward_pre_hook(lambda m, inputs: record(
+            m, inputs, inputs[0].clone()) if keeping() else None)
     elif isinstance(module, InvertedResidual):
         module.register_forward_hook(record)
     else:

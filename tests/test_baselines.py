@@ -311,6 +311,14 @@ def test_ofd_taps_read_both_models_before_their_activations():
     assert torch.allclose(F.hardswish(s_maps[3]), outputs[0])
     assert torch.equal(connector.margin3, ofd.margin(teacher.net.layer4[-1].bn3))
     assert not teacher.training
+    # --sync_bn replaces the student's BatchNorms (and their hooks): the taps still read
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(student).eval()  # eval: no process group
+    assert isinstance(student.features[12][1], torch.nn.SyncBatchNorm)
+    outputs.clear()
+    hook = student.features[12].register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
+    student(x)
+    hook.remove()
+    assert torch.allclose(F.hardswish(connector.taps[0].read()[3]), outputs[0])
 
 
 def reference_kdsvd(g_s, g_t, k=1):
