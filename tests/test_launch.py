@@ -35,6 +35,7 @@ echo "Submitted batch job $((1001 + n))"
 """
 SINFO = "#!/bin/sh\nprintf 'gpu*\\ncpu\\ngpu*\\n'\n"
 SACCT = "#!/bin/sh\necho 'JobID|State|NodeList'\ncat \"$FAKE_SLURM/sacct.txt\" 2>/dev/null\n"
+SQUEUE = "#!/bin/sh\ncat \"$FAKE_SLURM/squeue.txt\" 2>/dev/null\n"  # the queued ids, whatever asked
 
 
 # Every command of a SLURM installation a launcher could call, and what the stand-ins need
@@ -70,7 +71,8 @@ def slurm(tmp_path, monkeypatch):
     """A folder of stand-in SLURM commands, first on a PATH of stand-ins, tools and decoys (the
     module docstring); what the stand-ins saw is kept there. A test that called a decoy fails."""
     bin_dir = write_commands(tmp_path / "slurm", {
-        "sbatch": SBATCH, "sinfo": SINFO, "sacct": SACCT, "srun": "#!/bin/sh\nexit 0\n"})
+        "sbatch": SBATCH, "sinfo": SINFO, "sacct": SACCT, "squeue": SQUEUE,
+        "srun": "#!/bin/sh\nexit 0\n"})
     decoys = write_commands(tmp_path / "decoys", dict.fromkeys(SLURM_COMMANDS, DECOY))
     monkeypatch.setenv("PATH", search_path(bin_dir, tools_only(tmp_path / "tools"), decoys))
     monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
@@ -135,20 +137,24 @@ def test_slurm_submits_the_cache_build_then_the_runs_as_one_array_after_it(
     assert recorded["launchers"][0]["sbatch"] == ["account=vision"]
 
     # the cache was built; the scheduler: one run running, one queued, two failed (one
-    # cancelled), two it has no record of
+    # cancelled), two accounting has no record of: one still in the queue, one gone (an array's
+    # element cancelled while it waited has no record of its own: a real sacct's way)
     (out / "teacher_cache.pt").write_bytes(b"")
     (slurm / "sacct.txt").write_text("1001|COMPLETED|n1\n1002_0|RUNNING|n1\n1002_1|PENDING|\n"
                                      "1002_2|FAILED|n2\n1002_4|CANCELLED by 42|n2\n")
+    (slurm / "squeue.txt").write_text("1002_0\n1002_1\n1002_3\n")
     job_log = out / "submitit" / "1002_2" / "1002_2_0_log.err"  # where SLURM writes it
     job_log.parent.mkdir(parents=True, exist_ok=True)  # submitit made it, for the pickle
     job_log.write_text("slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0\n")
     status = in_process("study.py", [*study_argv, *CLUSTER, "--status"])
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0].endswith("6 jobs: 1 running, 1 queued, 2 failed, 2 unknown")
+    assert lines[0].endswith("6 jobs: 1 running, 1 queued, 3 failed, 1 unknown")
     assert "running  ce/seed0  job 1002_0" in lines and "queued   kd-T2/seed0  job 1002_1" in lines
     assert "failed   kd-T4/seed0  job 1002_2 ended: FAILED" in lines
     assert "failed   kd-T2/seed1  job 1002_4 ended: CANCELLED" in lines
+    assert "failed   kd-T4/seed1  job 1002_5 ended: no record (cancelled before it started?)" \
+        in lines
     assert any(line.startswith("unknown  ce/seed1  job 1002_3 (the scheduler has no record")
                for line in lines)
     assert "  | slurmstepd: error: Detected 1 oom_kill event in StepId=1002_2.0" in lines
@@ -158,9 +164,10 @@ def test_slurm_submits_the_cache_build_then_the_runs_as_one_array_after_it(
     assert again.returncode == 0, again.stderr
     assert "submitted kd-T4/seed0: job 1003_0" in again.stdout  # the failed ones, as one array
     assert "submitted kd-T2/seed1: job 1003_1" in again.stdout
-    assert again.stdout.count("\nsubmitted ") == 2 and "2 jobs submitted" in again.stdout
+    assert "submitted kd-T4/seed1: job 1003_2" in again.stdout
+    assert again.stdout.count("\nsubmitted ") == 3 and "3 jobs submitted" in again.stdout
     resubmitted = (slurm / "sbatch_3.sh").read_text()
-    assert "#SBATCH --array=0-1%2" in resubmitted and "--dependency" not in resubmitted
+    assert "#SBATCH --array=0-2%3" in resubmitted and "--dependency" not in resubmitted
     jobs = json.loads((out / "jobs.json").read_text())["runs"]
     assert (jobs["kd-T4/seed0"]["job_id"], jobs["ce/seed0"]["job_id"]) == ("1003_0", "1002_0")
 

@@ -295,7 +295,7 @@ def test_resume_refuses_a_switch_between_online_and_cache(cached_and_online, mon
 def test_every_method_runs_from_the_cache(cached_and_online, method, flags, terms, monkeypatch,
                                           capsys):
     root, common, _ = cached_and_online
-    folder = root / f"{method}_{len(flags)}"
+    folder = root / "_".join([method, *flags]).replace("-", "")
     result = run_in_process("distill_student.py", ["--out_dir", folder, "--teacher_cache",
                             root / "cache.pt", "--method", method, *flags, *common, "--epochs",
                             "1"], monkeypatch, capsys)

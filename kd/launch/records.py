@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import submitit
@@ -48,7 +49,10 @@ def write_jobs(out_dir: str, jobs: dict[str, dict]) -> None:
 def scheduler_states(records: dict[str, dict]) -> dict[str, str]:
     """Each recorded job's state, by name: 'queued', 'running', 'unknown' (the scheduler has no
     record of it: it may still run) or 'ended: STATE'. A local job is a process of this
-    machine, running while its controller process lives; SLURM's jobs are asked in one sacct."""
+    machine, running while its controller process lives; SLURM's jobs are asked in one sacct,
+    and those sacct has no record of in one squeue: an array's element cancelled while it
+    waited has no accounting record of its own, ever, and is ended once the queue has it no
+    more."""
     slurm = {name: entry for name, entry in records.items() if entry.get("launcher") == "slurm"}
     states = {name: local_state(entry) for name, entry in records.items() if name not in slurm}
     if slurm and shutil.which("sacct") is None:
@@ -57,15 +61,34 @@ def scheduler_states(records: dict[str, dict]) -> dict[str, str]:
             for name, entry in slurm.items()}  # each registers with submitit's sacct watcher
     if jobs:
         submitit.SlurmJob.watcher.update()
-    for name, job in jobs.items():
-        state = job.watcher.get_state(job.job_id, mode="cache").split()[0].upper()
-        if state == "UNKNOWN":  # "CANCELLED by 123" above: the first word
-            states[name] = "unknown"
+    sacct = {name: job.watcher.get_state(job.job_id, mode="cache").split()[0].upper()
+             for name, job in jobs.items()}  # "CANCELLED by 123": the first word
+    unrecorded = [str(slurm[name]["job_id"]) for name, state in sacct.items() if state == "UNKNOWN"]
+    queue = in_queue(unrecorded) if unrecorded else set()
+    for name, state in sacct.items():
+        if state == "UNKNOWN":
+            gone = queue is not None and str(slurm[name]["job_id"]) not in queue
+            states[name] = "ended: no record (cancelled before it started?)" if gone else "unknown"
         elif state in QUEUED:
             states[name] = "queued"
         else:
             states[name] = "running" if state in RUNNING else f"ended: {state}"
     return states
+
+
+def in_queue(job_ids: list[str]) -> set[str] | None:
+    """Which of these SLURM jobs (array elements by their own ids, 1002_3) the queue holds; None
+    when squeue cannot say."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", "--jobs",
+                              ",".join(job_ids)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # none of them is known to the controller any more
+        return set() if "Invalid job id" in out.stderr else None
+    return set(out.stdout.split())
 
 
 def local_state(entry: dict) -> str:
