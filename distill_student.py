@@ -62,9 +62,10 @@ def training_file(args: argparse.Namespace) -> Split:
 def main() -> None:
     p = build_parser()
     args = p.parse_args()
-    refuse_unread_flags(p, args)
-    if args.optimizer == "dot":
-        refuse_unusable_dot(p, args)
+    refuse_settings(p, args)
+    if args.optimizer == "dot" and World.from_env().size > 1:
+        raise UserError("--optimizer dot runs in one process (under torchrun, DDP would "
+                        "all-reduce only the first of its two backward passes a step)")
     method = METHODS[args.method]
     if method.online and args.teacher_cache:
         p.error(f"--method {args.method} reads more of the teacher than the logit cache "
@@ -95,14 +96,16 @@ def main() -> None:
         dot_delta=args.dot_delta if args.optimizer == "dot" else None)
 
 
-def refuse_unread_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One line for a method's flag given to a --method that does not read it (it would be
-    recorded in config.json but change nothing), as study.py refuses it; likewise --dot_delta
-    without --optimizer dot."""
+def refuse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    argv: list[str] | None = None) -> None:
+    """One line for settings that cannot train as given (study.py asks it of every distilled
+    run it plans, argv its command line): a method's flag given to a --method that does not read
+    it, or --dot_delta without --optimizer dot (either would be recorded in config.json but
+    change nothing); DOT's two momenta outside [0, 1)."""
     shadow = copy.deepcopy(parser)
     for action in shadow._actions:  # what the command line sets, without the defaults
         action.default = argparse.SUPPRESS
-    given = vars(shadow.parse_args())
+    given = vars(shadow.parse_args(argv))
     for name in given:
         methods = readers(name)
         if methods and args.method not in methods:
@@ -110,19 +113,10 @@ def refuse_unread_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
                          f"{args.method}")
     if "dot_delta" in given and args.optimizer != "dot":
         parser.error(f"--dot_delta is read by --optimizer dot, not by {args.optimizer}")
-
-
-def refuse_unusable_dot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One line for --optimizer dot where it cannot train: a momentum outside [0, 1), or
-    torchrun (DistributedDataParallel all-reduces the gradients of one backward pass per
-    forward; DOT's second one would stay each process's own)."""
     task, distillation = args.momentum - args.dot_delta, args.momentum + args.dot_delta
-    if not 0 <= task <= distillation < 1:
+    if args.optimizer == "dot" and not 0 <= task <= distillation < 1:
         parser.error(f"--momentum {args.momentum:g} and --dot_delta {args.dot_delta:g} give DOT "
                      f"momenta {task:g} and {distillation:g}: both must lie in [0, 1)")
-    if World.from_env().size > 1:
-        raise UserError("--optimizer dot runs in one process (under torchrun, DDP would "
-                        "all-reduce only the first of its two backward passes a step)")
 
 
 if __name__ == "__main__":

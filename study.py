@@ -227,7 +227,10 @@ def plan(args: argparse.Namespace, groups: list[tuple[str, list[str]]]) -> list[
         parser.prog = script  # its errors name the script they are about
     teacher_sha256, seen = None, {}
     for job in jobs:
-        job.config = vars(parsers[job.script].parse_args(job.argv))  # bad values: one line, exit 2
+        parsed = parsers[job.script].parse_args(job.argv)  # bad values: one line, exit 2
+        if job.script == "distill_student.py":  # and settings it would refuse once started
+            distill_student.refuse_settings(parsers[job.script], parsed, job.argv)
+        job.config = vars(parsed)
         same = json.dumps({k: v for k, v in job.config.items() if k != "out_dir"}, sort_keys=True)
         if same in seen:
             raise UserError(f"{seen[same]} and {job.name} would be the same run (a value given "

@@ -262,6 +262,8 @@ def test_the_same_run_twice_is_refused(tmp_path, teacher_file):
     (["--method", "kd", "fitnets"], "argument --method: invalid choice: 'fitnets'"),
     (["--val_size", "0"], "argument --val_size: must be >= 100"),
     (["--teacher_ckpt", "missing.pt"], "--teacher_ckpt missing.pt: no such file"),
+    (["--dot_delta", "0.05"], "--dot_delta is read by --optimizer dot, not by sgd"),  # as the
+    (["--optimizer", "dot", "--dot_delta", "0.2"], "give DOT momenta 0.7 and 1.1"),  # runs would
 ])
 def test_bad_study_flags_are_one_line(argv, phrase, tmp_path, teacher_file, monkeypatch, capsys):
     teacher = [] if "--teacher_ckpt" in argv else ["--teacher_ckpt", teacher_file]
