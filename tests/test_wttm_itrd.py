@@ -15,6 +15,7 @@ from torch.profiler import profile
 from kd.methods import METHODS, NAMES, flag_defaults, summary
 from kd.methods import itrd, wttm
 from kd.models import build_student, build_teacher
+from test_baselines import FixedTaps, assert_same
 
 G = lambda seed: torch.Generator().manual_seed(seed)
 B, CLASSES, STUDENT_DIM, TEACHER_DIM = 8, 100, 576, 2048
@@ -22,31 +23,6 @@ B, CLASSES, STUDENT_DIM, TEACHER_DIM = 8, 100, 576, 2048
 
 def randn(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=G(seed), dtype=torch.float64)
-
-
-class FixedTaps:
-    """Stand-in taps with given features."""
-
-    def __init__(self, values: list[torch.Tensor]):
-        self.values, self.shapes = values, [v.shape[1:] for v in values]
-
-    def read(self, which: list[int] | None = None) -> list[torch.Tensor]:
-        return [self.values[i] for i in (which or range(len(self.values)))]
-
-
-def assert_same(ours_fn, reference_fn, trained: list[torch.Tensor], fixed: list[torch.Tensor]
-                ) -> None:
-    """Equal values, and gradients with respect to every trained input (the teacher's carry
-    none in training), in float64 (tests/test_baselines.py's check)."""
-    def value_and_grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in trained]
-        value = fn(*leaves, *fixed)
-        return value, torch.autograd.grad(value, leaves)
-    (ours, our_grads), (reference, reference_grads) = map(value_and_grads, (ours_fn, reference_fn))
-    assert ours.dtype == torch.float64
-    assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-12), (ours, reference)
-    for a, b in zip(our_grads, reference_grads):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def reference_wttm(y_s, y_t, gamma):
