@@ -119,7 +119,7 @@ def feature_cmd(method, out_dir, data, teacher, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,extra,state", [
     ("crd", ["--nce_k", "64"], {"memory_s", "memory_t", "z"}),
-    ("mlkd", ["--epochs", "2", "--batch_size", "100"], set())])  # 3 forwards a step: fewer steps
+    ("mlkd", ["--epochs", "2", "--batch_size", "100", "--val_size", "200"], set())])  # 1 step each
 def test_feature_method_resumes_exactly_after_sigkill(runs_root, fake_data, tmp_path, method,
                                                       extra, state):
     teacher = runs_root / "teacher" / "best.pt"
