@@ -80,7 +80,7 @@ def wait_for(condition, what: str, timeout_s: float = 300):
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
-        time.sleep(0.2)
+        time.sleep(0.5)
 
 
 def log_values(folder) -> pd.DataFrame:
@@ -94,11 +94,6 @@ def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path):
             "--method", "kd", "--T", "4", "--val_size", "100", "--data_dir", str(data),
             "--epochs", "10", "--batch_size", "50", "--eval_batch_size", "50", "--no-download"]
     local, remote = tmp_path / "local", tmp_path / "slurm"
-    # one run at a time: each takes the threads the suite gives (OMP_NUM_THREADS, which sbatch
-    # passes on to the jobs), so both launchers' runs sum alike
-    ran = study(["--out_dir", str(local), "--jobs", "1", *argv])
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-
     command = ["--out_dir", str(remote), *argv, *CLUSTER]
     submitted = study(command)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -124,10 +119,18 @@ def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path):
               if line.startswith("$ ")]
     assert len(starts) == 2 and starts[1].endswith(" --resume")  # requeued, resumed
 
-    again = study([*command, "--wait"])  # the failed run, and only it, submitted again
+    again = study(command)  # the failed run, and only it, submitted again
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("\nsubmitted ") == 1 and "submitted ce/seed0" in again.stdout
-    assert "study complete" in again.stdout
+    resubmitted = str(json.loads((remote / "jobs.json").read_text())["runs"]["ce/seed0"]["job_id"])
+    wait_for(lambda: sacct(resubmitted) == "COMPLETED", "the resubmitted CE job")
+    assert "study complete" in study([*command, "--wait"]).stdout  # nothing left to wait for
+
+    # the same study through the local launcher, on the cache the cluster built: one run at a
+    # time, each with the suite's threads (OMP_NUM_THREADS, which sbatch passed on to the jobs)
+    ran = study(["--out_dir", str(local), "--jobs", "1", *argv, "--teacher_cache",
+                 str(remote / "teacher_cache.pt")])
+    assert ran.returncode == 0, ran.stdout + ran.stderr
 
     for name in ("ce/seed0", "kd-T4/seed0"):  # the same runs, the requeued one bitwise
         pd.testing.assert_frame_equal(log_values(remote / name), log_values(local / name),
