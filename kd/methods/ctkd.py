@@ -5,7 +5,7 @@ of train_student.py's CosineDecay, at scripts/run_cifar_distill.sh's settings.
 
     L = ctkd_ce_weight * CE(y, p_s) + ctkd_weight * D(z_s, z_t; T)
     T = t_min + (t_max - t_min) * sigmoid(theta)    theta: one trainable scalar, 1 at the start
-    D = T^2 KL(softmax(z_t / T) || softmax(z_s / T))    --ctkd_loss kd (kd.methods.kd.kd_loss)
+    D = T^2 KL(softmax(z_t / T) || softmax(z_s / T))    --ctkd_loss kd (kd.methods.kd.kd_term)
       = TCKD + 2 NCKD at T                             --ctkd_loss dkd (kd.methods.dkd.dkd_loss)
 
 T is learned adversarially: a gradient reversal layer between T and the loss passes T on
@@ -47,7 +47,7 @@ from kd.flags import number, positive_float, positive_int
 from kd.losses import LossFn, LossTerms
 from kd.methods.common import Method, hard_label_ce, weight
 from kd.methods.dkd import dkd_loss
-from kd.methods.kd import kd_loss
+from kd.methods.kd import kd_term
 
 DKD_ALPHA, DKD_BETA = 1.0, 2.0  # --ctkd_loss dkd: TCKD's and NCKD's weights (the reference's)
 
@@ -72,9 +72,8 @@ def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       ) -> tuple[torch.Tensor, LossTerms]:
     """D at temperature T (a tensor): kd's T^2 KL or DKD's TCKD + 2 NCKD, and its terms."""
     if loss == "kd":
-        _, terms = kd_loss(student_logits, teacher_logits, targets, alpha=0.0, T=T,
-                           logit_std=logit_std)
-        return terms["kd"], {"kd": terms["kd"]}
+        kd = kd_term(student_logits, teacher_logits, T, logit_std)
+        return kd, {"kd": kd}
     return dkd_loss(student_logits, teacher_logits, targets, DKD_ALPHA, DKD_BETA, T, logit_std)
 
 

@@ -23,21 +23,27 @@ from kd.losses import LossFn, LossTerms, standardize, wide
 from kd.methods.common import Method, hard_label_ce, warmed_up, weight
 
 
+def dkd_distributions(logits: torch.Tensor, targets: torch.Tensor, T: float | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's two distributions of logits [R, K] (rows with targets [R]), as log-probabilities:
+    the binary [p^y, 1 - p^y] of p = softmax(z / T), and q = softmax(z / T) over the classes
+    other than y (the target's logit / T less 1000, as mdistiller)."""
+    target = torch.arange(logits.shape[1], device=targets.device) == targets[:, None]
+    log_p = F.log_softmax(logits / T, dim=1)
+    binary = torch.stack([log_p.gather(1, targets[:, None]).squeeze(1),
+                          log_p.masked_fill(target, -torch.inf).logsumexp(dim=1)], dim=1)
+    return binary, F.log_softmax(logits / T - 1000.0 * target, dim=1)
+
+
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
              alpha: float, beta: float, T: float, logit_std: bool = False
              ) -> tuple[torch.Tensor, LossTerms]:
     """The distillation part, alpha * TCKD + beta * NCKD. Terms: 'tckd', 'nckd'."""
     s, t = wide(student_logits, teacher_logits)
     s, t = (standardize(s), standardize(t)) if logit_std else (s, t)
-    target = F.one_hot(targets, s.shape[1]).bool()
-    binary = lambda z: torch.stack([z.gather(1, targets[:, None]).squeeze(1),
-                                    z.masked_fill(target, -torch.inf).logsumexp(dim=1)],
-                                   dim=1)  # log [p^y, 1 - p^y] from log p
-    log_p_s, log_p_t = F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1)
-    tckd = F.kl_div(binary(log_p_s), binary(log_p_t), reduction="batchmean",
-                    log_target=True) * T * T
-    others = lambda z: F.log_softmax(z / T - 1000.0 * target, dim=1)
-    nckd = F.kl_div(others(s), others(t), reduction="batchmean", log_target=True) * T * T
+    (binary_s, others_s), (binary_t, others_t) = (dkd_distributions(z, targets, T) for z in (s, t))
+    tckd = F.kl_div(binary_s, binary_t, reduction="batchmean", log_target=True) * T * T
+    nckd = F.kl_div(others_s, others_t, reduction="batchmean", log_target=True) * T * T
     return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}
 
 

@@ -20,15 +20,27 @@ from kd.losses import LossFn, LossTerms, standardize, wide
 from kd.methods.common import Method
 
 
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            T: float | torch.Tensor) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes, batch mean."""
+    return F.kl_div(F.log_softmax(student_logits / T, dim=1),
+                    F.log_softmax(teacher_logits / T, dim=1), reduction="batchmean",
+                    log_target=True) * T * T
+
+
+def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float | torch.Tensor,
+            logit_std: bool = False) -> torch.Tensor:
+    """The module's 'kd' term, T^2 * KL, in float32 (or wider), standardize()d first with
+    --logit_std (CTKD takes it at its learned T)."""
+    s, t = wide(student_logits, teacher_logits)
+    return soft_kl(standardize(s), standardize(t), T) if logit_std else soft_kl(s, t, T)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
             alpha: float, T: float, logit_std: bool = False) -> tuple[torch.Tensor, LossTerms]:
     """The module's L, on a batch of logits."""
-    s, t = wide(student_logits, teacher_logits)
-    ce = F.cross_entropy(s, targets)
-    zs, zt = (standardize(s), standardize(t)) if logit_std else (s, t)
-    kl = F.kl_div(F.log_softmax(zs / T, dim=1), F.log_softmax(zt / T, dim=1),
-                  reduction="batchmean", log_target=True)
-    kd = kl * T * T
+    ce = F.cross_entropy(wide(student_logits)[0], targets)
+    kd = kd_term(student_logits, teacher_logits, T, logit_std)
     return alpha * ce + (1 - alpha) * kd, {"ce": ce, "kd": kd}
 
 

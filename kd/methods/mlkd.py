@@ -36,16 +36,9 @@ from kd.data import NUM_VIEWS, Split, normalize
 from kd.inference import MEMORY_FORMAT
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, weight
+from kd.methods.kd import soft_kl
 
 OTHER_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # beside --T, as the reference's code
-
-
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
-            ) -> torch.Tensor:
-    """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), summed over classes, batch mean."""
-    return F.kl_div(F.log_softmax(student_logits / tau, dim=1),
-                    F.log_softmax(teacher_logits / tau, dim=1), reduction="batchmean",
-                    log_target=True) * tau * tau
 
 
 def correlation_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float,

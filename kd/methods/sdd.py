@@ -52,6 +52,7 @@ from kd import features
 from kd.data import Split
 from kd.losses import LossFn, LossTerms, wide
 from kd.methods.common import Method, hard_label_ce, warmed_up, weight
+from kd.methods.dkd import dkd_distributions
 
 LOSSES = ("dkd", "kd")
 
@@ -60,17 +61,10 @@ def region_dkd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targe
                alpha: float, beta: float, T: float) -> torch.Tensor:
     """alpha * TCKD + beta * NCKD of each row ([R, K] logits, [R] targets): kd.methods.dkd's
     dkd_loss without its batch mean."""
-    target = torch.arange(student_logits.shape[1], device=targets.device) == targets[:, None]
-    binary = lambda z: torch.stack([z.gather(1, targets[:, None]).squeeze(1),
-                                    z.masked_fill(target, -torch.inf).logsumexp(dim=1)],
-                                   dim=1)  # log [p^y, 1 - p^y] from log p
-    log_p_s = F.log_softmax(student_logits / T, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / T, dim=1)
+    (binary_s, others_s), (binary_t, others_t) = (dkd_distributions(z, targets, T)
+                                                  for z in (student_logits, teacher_logits))
     kl = lambda s, t: F.kl_div(s, t, reduction="none", log_target=True).sum(dim=1) * T * T
-    tckd = kl(binary(log_p_s), binary(log_p_t))
-    others = lambda z: F.log_softmax(z / T - 1000.0 * target, dim=1)
-    nckd = kl(others(student_logits), others(teacher_logits))
-    return alpha * tckd + beta * nckd
+    return alpha * kl(binary_s, binary_t) + beta * kl(others_s, others_t)
 
 
 def region_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
