@@ -71,9 +71,6 @@ def main() -> None:
         p.error(f"--method {args.method} reads more of the teacher than the logit cache "
                 f"--teacher_cache holds (its features, or its logits of other views): leave it "
                 f"out (the teacher runs online)")
-    if method.init and World.from_env().size > 1:
-        raise UserError(f"--method {args.method} runs in one process for now (its "
-                        f"initialisation stage trains outside DistributedDataParallel)")
     start = prepare_run(args, keep=(args.teacher_ckpt, args.teacher_cache or ""))
     teacher = load_teacher(args.teacher_ckpt).to(start.device, memory_format=MEMORY_FORMAT)
     run_info = {"arch": STUDENT_ARCH, "teacher_sha256": file_sha256(args.teacher_ckpt),

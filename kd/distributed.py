@@ -78,26 +78,52 @@ def gather_rows(shard: torch.Tensor, total: int, world: World) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def wrap_ddp(model: nn.Module, world: World, device: torch.device, *, sync_bn: bool
-             ) -> tuple[nn.Module, nn.Module]:
-    """(model to save and evaluate, module to train through): the same module in one process,
-    or without trainable parameters (a connector that only reads the taps); under torchrun the
-    second is its DistributedDataParallel wrapper (SyncBatchNorm if asked). The student and a
-    feature method's connector get a wrapper each, with these same bucket settings."""
+def sync_batch_norm(model: nn.Module, world: World, device: torch.device, sync_bn: bool
+                    ) -> nn.Module:
+    """model with SyncBatchNorm layers under torchrun when --sync_bn asks (CUDA only), else
+    itself: the module every rank saves, evaluates and wraps (wrap_ddp)."""
+    if world.size == 1 or not sync_bn:
+        return model
+    if device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, world: World, device: torch.device, *, static_graph: bool = False
+             ) -> nn.Module:
+    """The module to train through: under torchrun model's DistributedDataParallel wrapper, else
+    model itself, as it is for a module without trainable parameters (a connector that only
+    reads the taps). The student and a feature method's connector get a wrapper each, with
+    these same bucket settings.
+
+    static_graph (the connector's): the loss reaches the same parameters every step, but not
+    necessarily all of them or any (FT's paraphraser is frozen after its init stage; AB's and
+    FSP's main stage is CE alone); DDP learns which in the first step, where without it it
+    would wait for gradients that never come. It counts every backward pass through the
+    parameters as a step, so the wrapper is made after any init stage (kd.train.fit)."""
     if world.size == 1 or not any(p.requires_grad for p in model.parameters()):
-        return model, model
-    if sync_bn:
-        if device.type != "cuda":
-            raise UserError("--sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
     # BatchNorm statistics: kd.train broadcasts rank 0's after each epoch, not at every forward
     # (newer PyTorch names broadcast_buffers forward_sync_buffers)
     DDP = torch.nn.parallel.DistributedDataParallel
     new_name = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True, **no_sync)
-    return model, ddp
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, static_graph=static_graph, **no_sync)
+
+
+def average_gradients(parameters: list[nn.Parameter], world: World) -> None:
+    """Average the parameters' gradients over the ranks (one all-reduce), as DDP would: for an
+    init stage (kd.train.initialize), whose loss reads the student's features but not its
+    logits, so a DDP wrapper of the student would wait for the classifier's gradients."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if world.size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def norm_statistics(module: nn.Module) -> list[torch.Tensor]:

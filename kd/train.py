@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from kd.checkpoint import load_checkpoint
 from kd.data import DeviceLoader, derive_seed, hold_out, load_split
-from kd.distributed import (World, agreed_stop, average_across_ranks, broadcast_buffers,
-                            check_in_sync, init_world, local_main_first, max_across_ranks,
-                            wrap_ddp)
+from kd.distributed import (World, agreed_stop, average_across_ranks, average_gradients,
+                            broadcast_buffers, check_in_sync, init_world, local_main_first,
+                            max_across_ranks, sync_batch_norm, wrap_ddp)
 from kd.errors import StopRequested, UserError, stop_requested
 from kd.inference import MEMORY_FORMAT, predict_splits
 from kd.logger import CSVLogger
@@ -101,12 +101,12 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     device, world = start.device, start.world
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
     train_loader, eval_loaders, class_to_coarse = load_data(args, device, world)
-    model_without_ddp, model = wrap_ddp(model.to(device, memory_format=MEMORY_FORMAT), world,
-                                        device, sync_bn=args.sync_bn)
-    connector = train_connector = None
-    if teacher and teacher.connector:  # its own DDP wrapper, if it has weights to train
-        connector, train_connector = wrap_ddp(teacher.connector.to(device), world, device,
-                                              sync_bn=args.sync_bn)
+    model_without_ddp = sync_batch_norm(model.to(device, memory_format=MEMORY_FORMAT), world,
+                                        device, args.sync_bn)
+    model = wrap_ddp(model_without_ddp, world, device)
+    connector = None
+    if teacher and teacher.connector:  # its own DDP wrapper (below), if it has weights to train
+        connector = sync_batch_norm(teacher.connector.to(device), world, device, args.sync_bn)
     trained = nn.ModuleList([model_without_ddp, connector]) if connector else model_without_ddp
     opt = make_optimization(args, trained, len(train_loader), device, dot_delta=dot_delta)
     record = restore(args, start, model_without_ddp, connector, opt, run_info)
@@ -121,7 +121,8 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
     should_stop = agreed_stop(stop_requested, world, device)
     if teacher and teacher.init and record.epoch == 0:  # a finished epoch: the stage is done
         initialize(args, teacher, model_without_ddp, connector, opt, train_loader, record,
-                   should_stop)
+                   should_stop, world)
+    train_connector = wrap_ddp(connector, world, device, static_graph=True) if connector else None
     for epoch in range(record.epoch + 1, args.epochs + 1):
         train_loader.set_epoch(epoch)
         torch.manual_seed(derive_seed(args.seed, epoch, world.rank))  # dropout, per process
@@ -145,12 +146,15 @@ def fit(args: argparse.Namespace, model: nn.Module, start: Start,
 
 def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, connector: nn.Module,
                opt: Optimization, loader: DeviceLoader, record: Record,
-               should_stop: Callable[[], bool]) -> None:
+               should_stop: Callable[[], bool], world: World) -> None:
     """Run the rest of teacher.init's epochs (InitStage), each with the data order of its own
     epoch (numbered -1, -2, ...). After each, init_log.csv gets its mean loss and terms, and
-    last.pt the stage's progress, so a stopped run resumes inside the stage."""
+    last.pt the stage's progress, so a stopped run resumes inside the stage. Under torchrun
+    the stage trains the unwrapped modules, its gradients averaged over the ranks at each step
+    (kd.distributed.average_gradients), and the ranks are checked in sync after each epoch."""
     stage = teacher.init
-    optimizer = torch.optim.SGD(stage.parameters(model, connector), lr=args.init_lr,
+    parameters = stage.parameters(model, connector)
+    optimizer = torch.optim.SGD(parameters, lr=args.init_lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay,
                                 foreach=True)
     init_opt = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1),
@@ -160,7 +164,8 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
     logger = CSVLogger(record.path("init_log.csv"), keep_epochs=record.init.get("epoch", 0)) \
         if record.is_main else None
     step = Step(model, teacher.train_logits, stage.loss(args), init_opt,
-                lambda keys, labels: stage.connect(connector, keys, labels))
+                lambda keys, labels: stage.connect(connector, keys, labels),
+                lambda: average_gradients(parameters, world))
     for epoch in range(record.init.get("epoch", 0) + 1, args.init_epochs + 1):
         model.eval(), connector.eval()
         for module in stage.training(model, connector):
@@ -176,9 +181,11 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
                 loss, _, terms = train_step(step, images, labels, keys)
                 sums = sums + torch.stack([loss.detach().float(),
                                            *(t.detach().float() for t in terms.values())])
-            means = (sums / len(loader)).tolist()  # the stage's one read per epoch
+            means = (average_across_ranks(sums) / len(loader)).tolist()  # one read an epoch
             if not math.isfinite(means[0]):
                 raise UserError(f"the loss became NaN or infinite in init epoch {epoch}")
+        check_in_sync(nn.ModuleList([model, connector]), world)
+        broadcast_buffers(nn.ModuleList([model, connector]), world)
         row = {"epoch": epoch, "init_loss": means[0],
                **{f"init_{name}": v for name, v in zip(terms, means[1:])},
                "epoch_time_s": time.perf_counter() - start}
@@ -251,14 +258,16 @@ def resume_hint(saved_epoch: int, saved_init_epoch: int = 0):
 class Step:
     """What a training step uses, travelling together: the model trained through (the DDP
     wrapper under torchrun, compiled with --compile), where a batch's teacher logits come from
-    (None without a teacher), the epoch's loss function, the optimization, and a feature
-    method's connector."""
+    (None without a teacher), the epoch's loss function, the optimization, a feature
+    method's connector, and what syncs the gradients between backward and the optimizer's step
+    where no DDP wrapper does (an init stage under torchrun)."""
 
     model: nn.Module
     teacher_logits: TeacherLogits | None
     loss_fn: LossFn
     opt: Optimization
     connector: nn.Module | None = None
+    sync_gradients: Callable[[], None] = lambda: None
 
 
 def train_one_epoch(step: Step, loader: DeviceLoader, epoch: int,
@@ -329,6 +338,7 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor, keys: tor
         opt.optimizer.backward(loss, terms)
     else:
         opt.scaler.scale(loss).backward()
+    step.sync_gradients()
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
