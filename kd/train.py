@@ -53,10 +53,11 @@ def prepare_run(args: argparse.Namespace, keep: tuple[str, ...] = ()) -> Start:
     """Check the run folder (touching nothing; `keep`: input files --overwrite must not delete),
     pick the device (joining torchrun's process group when launched by it), seed the RNG, and
     on --resume load last.pt."""
-    world, device = init_world(args.device)
-    if args.batch_size % world.size:
+    processes = World.from_env().size  # refused before the ranks join: each says so alike
+    if args.batch_size % processes:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide "
-                        f"evenly over {world.size} processes")
+                        f"evenly over {processes} processes")
+    world, device = init_world(args.device)
     check_out_dir(args, keep)
     torch.manual_seed(args.seed)
     checkpoint = load_checkpoint(os.path.join(args.out_dir, "last.pt")) if args.resume else None

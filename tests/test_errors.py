@@ -9,7 +9,7 @@ import pytest
 
 import kd.errors
 from kd.errors import StopRequested, UserError, run_script
-from helpers import REPO
+from helpers import REPO, assert_one_line_error, run_in_process
 
 
 def ends(raised: Exception, rank: str, monkeypatch, capsys, world_size: str | None = "2"
@@ -85,3 +85,17 @@ def test_a_closed_terminal_stops_a_run_at_its_next_step():
         if not done:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_before_they_join(
+        fake_data, tmp_path, monkeypatch, capsys):
+    """As torchrun's rank 0 of 2 would start (no MASTER_ADDR: joining the group would fail)."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+    result = run_in_process("train_student.py", ["--out_dir", tmp_path / "x", "--data_dir",
+                                                 fake_data, "--batch_size", "51", "--epochs",
+                                                 "1", "--no-download"], monkeypatch, capsys)
+    assert_one_line_error(result, "--batch_size 51 (the global batch) does not divide evenly "
+                                  "over 2 processes")
+    assert not (tmp_path / "x").exists()

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 import study
 from kd import launch
@@ -283,3 +284,29 @@ def without_train_time(text: str) -> str:
             drop = None
         lines.append(" | ".join(c for i, c in enumerate(cells) if i != drop))
     return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_a_feature_method_through_submitit_on_two_processes(tiny_study, tmp_path, monkeypatch,
+                                                             capsys):
+    """--launcher submitit_local --gpus_per_run 2 --method fitnet: the fitnet run is one job of
+    two tasks (ranks 0 and 1 as torchrun's would be, kd.job.ddp_env) whose connector and
+    student stay in sync (kd.train.fit checks after each epoch, or fails the run). The CE run is
+    the local study's, copied in (seconds of process starts)."""
+    out = tmp_path / "study"
+    argv = [*tiny_study.argv, "--launcher", "submitit_local", "--gpus_per_run", "2", "--wait"]
+    argv[argv.index("--out_dir") + 1] = str(out)
+    argv[argv.index("--seeds") + 1:argv.index("--teacher_ckpt")] = ["0"]
+    argv[argv.index("--method") + 1:argv.index("--val_size")] = ["fitnet"]
+    shutil.copytree(tiny_study.out / "ce" / "seed0", out / "ce" / "seed0")
+    ran = run_in_process("study.py", argv, monkeypatch, capsys)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "2 jobs: 1 done, 1 to do" in ran.stdout and "submitted fitnet/seed0" in ran.stdout
+    assert "study complete. Report: " in ran.stdout
+    run = out / "fitnet" / "seed0"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["method"], config["world_size"], config["per_rank_batch_size"]) == \
+        ("fitnet", 2, 50)
+    assert len(pd.read_csv(run / "log.csv")) == 1 and (run / "summary.json").exists()
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["connector"] and not any(k.startswith("module.") for k in saved["model"])
