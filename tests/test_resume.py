@@ -146,7 +146,7 @@ def test_other_trainable_connectors_resume_exactly(runs_root, fake_data, tmp_pat
     run is the uninterrupted one, connector included.
     ReviewKD's connector (28 M parameters, seconds a step on 2 cores) is left out for time."""
     teacher = runs_root / "teacher" / "best.pt"
-    flags = [*extra, "--epochs", "2", "--batch_size", "100"]
+    flags = [*extra, "--epochs", "2", "--batch_size", "100", "--val_size", "200"]  # 1 step each
     reference_run, folder = tmp_path / "reference", tmp_path / "run"
     run_to_end(feature_cmd(method, reference_run, fake_data, teacher, *flags))
     with monkeypatch.context() as mp:  # a stop signal, as seen after the first epoch's write
