@@ -98,9 +98,10 @@ def wrap_ddp(model: nn.Module, world: World, device: torch.device, *, static_gra
 
     static_graph (the connector's): the loss reaches the same parameters every step, but not
     necessarily all of them or any (FT's paraphraser is frozen after its init stage; AB's and
-    FSP's main stage is CE alone); DDP learns which in the first step, where without it it
-    would wait for gradients that never come. It counts every backward pass through the
-    parameters as a step, so the wrapper is made after any init stage (kd.train.fit)."""
+    FSP's main stage is CE alone); DDP learns which in the first step, where without it a
+    connector read in part fails at the next step ("Expected to have finished reduction").
+    It counts every backward pass through the parameters as a step, so the wrapper is made
+    after any init stage (kd.train.fit)."""
     if world.size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     # BatchNorm statistics: kd.train broadcasts rank 0's after each epoch, not at every forward

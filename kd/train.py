@@ -172,7 +172,7 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
         for module in stage.training(model, connector):
             module.train()
         loader.set_epoch(-epoch)
-        torch.manual_seed(derive_seed(args.seed, -epoch))
+        torch.manual_seed(derive_seed(args.seed, -epoch, world.rank))  # as fit's epochs
         sums, start = 0, time.perf_counter()
         with resume_hint(0, record.init.get("epoch", 0)):
             for images, labels, keys in tqdm(loader, desc=f"init epoch {epoch}", leave=False,

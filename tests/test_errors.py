@@ -92,6 +92,8 @@ def test_a_global_batch_the_processes_cannot_share_is_refused_before_they_join(
     """As torchrun's rank 0 of 2 would start (no MASTER_ADDR: joining the group would fail)."""
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(REPO)
     result = run_in_process("train_student.py", ["--out_dir", tmp_path / "x", "--data_dir",
                                                  fake_data, "--batch_size", "51", "--epochs",

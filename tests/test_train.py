@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import optimization, train_loader
+import kd.distributed
 from kd.data import DeviceLoader, load_split, normalize
 from kd.errors import UserError
 from kd.losses import ce_loss
@@ -163,3 +164,20 @@ def test_a_blown_up_run_is_named_in_the_console_and_summary(tmp_path, capsys):
     assert "warning: epoch 2: the test NLL is 3.3e+13" in err and "epoch 1:" not in err
     assert summary["status"] == "blown up" and summary["blown_up_epochs"] == [2]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "blown up"
+
+
+def test_an_init_stages_gradients_are_averaged_over_the_ranks(monkeypatch):
+    """kd.distributed.average_gradients on rank 0 of 2, the all-reduce stood in for (it adds
+    rank 1's gradients, three times rank 0's): every gradient ends as the ranks' mean, in its
+    own shape; a parameter without a gradient keeps none."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(2))]
+    for p in params[:2]:  # whole numbers: the sums and halves below are exact
+        p.grad = torch.randint(-8, 8, p.shape).float()
+    own = [p.grad.clone() for p in params[:2]]
+    rank_1 = torch.cat([3 * g.reshape(-1) for g in own])
+    monkeypatch.setattr(kd.distributed.dist, "all_reduce", lambda flat: flat.add_(rank_1))
+    kd.distributed.average_gradients(params, kd.distributed.World(0, 0, 2))
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(params, own))
+    assert params[2].grad is None
