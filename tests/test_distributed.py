@@ -132,6 +132,7 @@ def saved_state(folder):
 
 
 CRD = ["--nce_k", "16", "--epochs", "2", "--batch_size", "50"]
+REVIEWKD = ["--epochs", "2", "--batch_size", "100"]  # 28 M parameters: 1 step an epoch
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +143,21 @@ def crd_ddp_run(ddp_data, teacher, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def reviewkd_ddp_run(ddp_data, teacher, tmp_path_factory):
+    """An uninterrupted ReviewKD run of two processes, 2 epochs of 1 step."""
+    folder = tmp_path_factory.mktemp("reviewkd") / "run"
+    torchrun("distill_student.py",
+             *feature_flags("reviewkd", folder, ddp_data, teacher, *REVIEWKD))
+    return folder
+
+
 ONE_STEP = ["--epochs", "1", "--batch_size", "100"]
 
 
 @pytest.mark.parametrize("method,extra,state", [
     ("crd", CRD, {"connector.memory_s", "connector.memory_t", "connector.z"}),
-    ("reviewkd", ONE_STEP, set()),  # 28 M parameters: 1 step
+    ("reviewkd", REVIEWKD, set()),
     # init stages, their gradients averaged by kd.train.initialize: AB's trains the student's
     # features (which have a DDP wrapper) and a connector its main stage never reads; FT's the
     # paraphraser, then the loss reads the connector in part (the paraphraser frozen):
@@ -155,13 +165,15 @@ ONE_STEP = ["--epochs", "1", "--batch_size", "100"]
     # connector has 150 M parameters: 1 step a stage
     ("ab", ["--init_epochs", "1", *ONE_STEP], set()),
     ("ft", ["--init_epochs", "1", *ONE_STEP], set())])
-def test_feature_method_stays_in_sync_across_ranks(method, extra, state, crd_ddp_run, ddp_data,
+def test_feature_method_stays_in_sync_across_ranks(method, extra, state, request, ddp_data,
                                                    teacher, tmp_path):
     """kd.train.fit's check_in_sync after each epoch (and init epoch) compares the ranks'
     student and connector, parameters and state (CRD's memory bank and Z) alike, and fails the
-    run if they differ."""
-    folder = crd_ddp_run if method == "crd" else tmp_path / method
-    if method != "crd":
+    run if they differ. CRD's and ReviewKD's runs are the SIGKILL test's references."""
+    if method in ("crd", "reviewkd"):
+        folder = request.getfixturevalue(f"{method}_ddp_run")
+    else:
+        folder = tmp_path / method
         torchrun("distill_student.py", *feature_flags(method, folder, ddp_data, teacher, *extra))
     rows = list(csv.DictReader(open(folder / "log.csv")))
     assert len(rows) == int(extra[extra.index("--epochs") + 1])
@@ -209,7 +221,8 @@ def test_two_process_fitnet_agrees_with_one_process(fitnet_ddp_run, ddp_data, te
 
 
 @pytest.mark.parametrize("method,flags,reference", [("crd", CRD, "crd_ddp_run"),
-                                                     ("fitnet", FITNET, "fitnet_ddp_run")])
+                                                     ("fitnet", FITNET, "fitnet_ddp_run"),
+                                                     ("reviewkd", REVIEWKD, "reviewkd_ddp_run")])
 def test_killed_on_two_processes_resumes_exactly(method, flags, reference, request, ddp_data,
                                                  teacher, tmp_path):
     """torchrun and its two ranks SIGKILLed (a lost node) once epoch 1 is saved; the resumed
