@@ -7,7 +7,8 @@ One tiny study (the teacher cache build, then a CE run and a kd run as an array 
 through the local launcher and through SLURM; on SLURM the CE job is cancelled while it waits for
 the build (a failed run, as --status and sacct say) and the kd job is requeued with `scontrol
 requeue` mid-training. The same command resubmits the failed run; the study's runs and report
-then equal the local launcher's, the requeued run's weights bitwise."""
+then equal the local launcher's (run meanwhile, on the cache the cluster built), the requeued
+run's weights bitwise."""
 import json
 import re
 import shutil
@@ -87,7 +88,7 @@ def log_values(folder) -> pd.DataFrame:
     return pd.read_csv(folder / "log.csv").drop(columns=list(TIMING_COLUMNS))
 
 
-def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path):
+def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path, request):
     data = tmp_path / "data"
     write_fake_cifar100(str(data), n_train=200, n_test=50, seed=3)
     argv = ["--seeds", "0", "--teacher_ckpt", str(runs_root / "teacher" / "best.pt"),
@@ -107,6 +108,15 @@ def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path):
     wait_for(lambda: (kd_run / "last.pt").exists(), "the kd run's first epoch")
     assert not (kd_run / "summary.json").exists()  # mid-run (SIGTERM lands epochs later)
     subprocess.run(["scontrol", "requeue", ids["kd-T4/seed0"]], check=True, timeout=30)
+    # meanwhile, the same study through the local launcher on the cache the cluster built (the
+    # kd job waited for it): one run at a time, each with the suite's threads (OMP_NUM_THREADS,
+    # which sbatch passed on to the jobs); it runs while the cluster requeues and resubmits
+    with open(tmp_path / "reference.out", "w") as output:
+        reference = subprocess.Popen(
+            [sys.executable, str(REPO / "study.py"), "--out_dir", str(local), "--jobs", "1",
+             *argv, "--teacher_cache", str(remote / "teacher_cache.pt")],
+            stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
+    request.addfinalizer(lambda: reference.poll() is None and reference.kill())
     wait_for(lambda: sacct(ids["kd-T4/seed0"]) == "COMPLETED", "the requeued kd job", 400)
     assert sacct(ids["teacher cache"]) == "COMPLETED"
     assert sacct(ids["ce/seed0"]) == ""  # an element cancelled as it waited: never a record
@@ -126,11 +136,7 @@ def test_a_study_on_a_real_slurm(cluster, runs_root, tmp_path):
     wait_for(lambda: sacct(resubmitted) == "COMPLETED", "the resubmitted CE job")
     assert "study complete" in study([*command, "--wait"]).stdout  # nothing left to wait for
 
-    # the same study through the local launcher, on the cache the cluster built: one run at a
-    # time, each with the suite's threads (OMP_NUM_THREADS, which sbatch passed on to the jobs)
-    ran = study(["--out_dir", str(local), "--jobs", "1", *argv, "--teacher_cache",
-                 str(remote / "teacher_cache.pt")])
-    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.out").read_text()
 
     for name in ("ce/seed0", "kd-T4/seed0"):  # the same runs, the requeued one bitwise
         pd.testing.assert_frame_equal(log_values(remote / name), log_values(local / name),
