@@ -155,6 +155,7 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
     (kd.distributed.average_gradients), and the ranks are checked in sync after each epoch."""
     stage = teacher.init
     parameters = stage.parameters(model, connector)
+    trained = nn.ModuleList([model, connector])  # what the ranks must agree on after each epoch
     optimizer = torch.optim.SGD(parameters, lr=args.init_lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay,
                                 foreach=True)
@@ -185,8 +186,8 @@ def initialize(args: argparse.Namespace, teacher: Teacher, model: nn.Module, con
             means = (average_across_ranks(sums) / len(loader)).tolist()  # one read an epoch
             if not math.isfinite(means[0]):
                 raise UserError(f"the loss became NaN or infinite in init epoch {epoch}")
-        check_in_sync(nn.ModuleList([model, connector]), world)
-        broadcast_buffers(nn.ModuleList([model, connector]), world)
+        check_in_sync(trained, world)
+        broadcast_buffers(trained, world)
         row = {"epoch": epoch, "init_loss": means[0],
                **{f"init_{name}": v for name, v in zip(terms, means[1:])},
                "epoch_time_s": time.perf_counter() - start}
