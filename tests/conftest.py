@@ -11,9 +11,19 @@ from helpers import KD, REPO, STUDENT, TEACHER, TINY_RUN, run_in_process, write_
 from kd.synthetic import write_fake_cifar100
 
 # One CPU thread count for this process and the processes tests start (which inherit it): a run
-# continues bitwise in another process, or matches one made there, only at the same count.
+# continues bitwise in another process, or matches one made there, only at the same count. Two,
+# unless OMP_NUM_THREADS says otherwise, shared out among pytest-xdist's workers (`-n 2`: one
+# each), so that the workers do not oversubscribe a 2-core machine.
+THREADS_GIVEN = "OMP_NUM_THREADS" in os.environ
 if os.environ.setdefault("OMP_NUM_THREADS", "2").isdigit():
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_configure(config):
+    """In the process that starts xdist's workers, before it starts them: their thread count."""
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not THREADS_GIVEN:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, 2 // workers))
 
 
 @pytest.fixture(scope="session")
