@@ -26,6 +26,18 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(max(1, 2 // workers))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files in the order that keeps two xdist workers busy to the end (they take files in
+    this order, pytest.ini): the real-cluster test's first (it waits on the scheduler, the other
+    worker meanwhile runs the rest), then the files that start processes, then the rest."""
+    marks: dict = {}
+    for item in items:
+        marks.setdefault(item.path, set()).update(mark.name for mark in item.iter_markers())
+    rank = {path: 0 if "slurm" in names else 1 if "slow" in names else 2
+            for path, names in marks.items()}
+    items.sort(key=lambda item: rank[item.path])
+
+
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory) -> str:
     """A small dataset in the real CIFAR-100 file format (300 train, 100 test images)."""
