@@ -19,6 +19,16 @@ if os.environ.setdefault("OMP_NUM_THREADS", "2").isdigit():
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With -n (pytest-xdist), unless --dist says otherwise: each test file on one worker, so its
+    module fixtures are made once, the files handed out in the order pytest_collection_modifyitems
+    gives them. Set here, not in pytest.ini, so that pytest runs without xdist too."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
+
+
 def pytest_configure(config):
     """In the process that starts xdist's workers, before it starts them: their thread count."""
     workers = getattr(config.option, "numprocesses", None)
@@ -26,11 +36,14 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(max(1, 2 // workers))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Test files in the order that keeps two xdist workers busy to the end (they take files in
-    this order, pytest.ini): the real-cluster test's first (it waits on the scheduler, the other
-    worker meanwhile runs the rest), then the files that start processes, then the rest."""
-    marks: dict = {}
+def pytest_collection_modifyitems(items):
+    """In xdist's workers, test files in the order that keeps two workers busy to the end: the
+    real-cluster test's first (it waits on the scheduler and its jobs while the other worker
+    runs tests), then the files that start processes, then the rest. Left in their own order in
+    one process, where `-x` should meet a quick test's failure soon."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    marks: dict[Path, set[str]] = {}
     for item in items:
         marks.setdefault(item.path, set()).update(mark.name for mark in item.iter_markers())
     rank = {path: 0 if "slurm" in names else 1 if "slow" in names else 2
